@@ -1,0 +1,3 @@
+from latentdiff.cli import main
+
+raise SystemExit(main())

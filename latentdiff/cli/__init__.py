@@ -1,0 +1,50 @@
+"""`latentdiff` command line: one module per sub-command, each with add_arguments(parser) and run(args)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> module under latentdiff.cli; imported only when used, so start-up stays fast.
+COMMANDS = {
+    "generate": "generate",
+    "eval": "evaluate",
+    "shapes": "shapes",
+    "info": "info",
+    "samplers": "samplers",
+    "reproduce": "reproduce",
+}
+
+
+class UserError(Exception):
+    """A mistake in the user's input: printed as one line, exit code 2, no traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="latentdiff", description="latent text-to-image diffusion")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(f"latentdiff.cli.{module_name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"latentdiff.cli.{module_name}":
+                raise
+            continue  # a sub-command not written yet
+        modules[name] = module
+        sub = subparsers.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        module.add_arguments(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except UserError as e:
+        print(f"latentdiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"latentdiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

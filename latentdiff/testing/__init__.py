@@ -1,0 +1,1 @@
+"""Tiny random models for tests, examples and benchmarks: built in code, nothing downloaded."""
