@@ -1,0 +1,160 @@
+"""Model folders in the diffusers layout: find, check and read/write each component, safetensors only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from latentdiff.config import read_json, write_json
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+DEFAULTS_FILE = "latentdiff.json"  # our stored defaults; diffusers ignores files it does not know
+
+# The diffusers scheduler class that runs the same sampler, so a folder we write samples alike in diffusers.
+DIFFUSERS_SCHEDULERS = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
+
+
+class ModelFolderError(ValueError):
+    """A model folder that is missing, incomplete, or holds weights we refuse to load."""
+
+
+def component_dir(root: Path, name: str) -> Path:
+    folder = root / name
+    if not folder.is_dir():
+        raise ModelFolderError(
+            f"model folder {root} has no {name!r} component folder ({folder} is missing); "
+            f"a diffusers-layout folder needs {', '.join(COMPONENTS)}"
+        )
+    return folder
+
+
+def check_model_root(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise ModelFolderError(f"model folder not found: {root}")
+    if not (root / "model_index.json").is_file():
+        raise ModelFolderError(f"{root} is not a diffusers model folder: it has no model_index.json")
+    return root
+
+
+def weight_files(folder: Path, stem: str) -> list[Path]:
+    """The safetensors file(s) of one component: plain, else the fp16 variant, else a sharded index."""
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
+        if (folder / name).is_file():
+            return [folder / name]
+    for index_name in (f"{stem}.safetensors.index.json", f"{stem}.safetensors.index.fp16.json"):
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(read_json(index)["weight_map"].values()))
+            return [folder / s for s in shards]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelFolderError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); latentdiff loads safetensors only, "
+            "because a pickle can run arbitrary code. Convert it once with a tool you trust "
+            "(e.g. diffusers: pipe.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise ModelFolderError(f"{folder} has no weights: expected {stem}.safetensors")
+
+
+def read_state_dict(folder: Path, stem: str) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder, stem):
+        state.update(load_file(str(path)))
+    return state
+
+
+def load_weights(module: torch.nn.Module, folder: Path, stem: str, ignore: tuple[str, ...] = ()) -> None:
+    """Load safetensors into `module`, casting to its dtype; every key must match (bar `ignore` suffixes)."""
+    state = read_state_dict(folder, stem)
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(ignore)]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith(ignore)]
+    if missing or unexpected:
+        raise ModelFolderError(
+            f"{folder}: weights do not fit the model built from its config.json "
+            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
+
+
+def save_weights(module: torch.nn.Module, path: Path, dtype: torch.dtype | None) -> None:
+    state = {}
+    for key, tensor in module.state_dict().items():
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[key] = tensor.contiguous()
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def model_index(scheduler_class: str) -> dict[str, Any]:
+    """model_index.json as diffusers' StableDiffusionPipeline expects it."""
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def read_defaults(root: Path) -> dict[str, Any]:
+    path = root / DEFAULTS_FILE
+    return read_json(path) if path.is_file() else {}
+
+
+def write_folder_atomically(target: str | Path, write) -> Path:
+    """Call write(tmp_dir) then move tmp_dir into place, so `target` is never a half-written model."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def folder_hash(root: str | Path) -> str:
+    """sha256 over the folder's configs and weights (sorted relative paths + bytes): names a model exactly."""
+    import hashlib
+
+    root = Path(root)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if path.suffix not in (".safetensors", ".json", ".txt"):
+            continue
+        digest.update(path.relative_to(root).as_posix().encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

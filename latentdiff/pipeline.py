@@ -1,0 +1,304 @@
+"""LatentDiffusionPipeline: prompt -> text context -> guided denoising in latent space -> VAE decode -> PIL."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from latentdiff import __version__, folders
+from latentdiff.config import read_json, write_json
+from latentdiff.metadata import attach
+from latentdiff.samplers import SAMPLERS, make_sampler
+from latentdiff.schedules import ScheduleConfig
+from latentdiff.text import encode_prompts
+from latentdiff.unet import UNet, UNetConfig
+from latentdiff.vae import VAE, VAEConfig
+
+FALLBACK_DEFAULTS = {"steps": 25, "guidance_scale": 7.5, "sampler": "dpmpp_2m"}
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "shapes-tiny"
+
+
+class LatentDiffusionPipeline:
+    """Text-to-image with a VAE, a CLIP text encoder and a conditional U-Net (Rombach et al. 2022)."""
+
+    def __init__(
+        self,
+        unet: UNet,
+        vae: VAE,
+        text_encoder,
+        tokenizer,
+        scheduler_config: ScheduleConfig,
+        defaults: dict[str, Any] | None = None,
+        name: str | None = None,
+        source: Path | None = None,
+    ):
+        self.unet = unet.eval()
+        self.vae = vae.eval()
+        self.text_encoder = text_encoder.eval()
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+        self.defaults = {**FALLBACK_DEFAULTS, **(defaults or {})}
+        self.model_name = name or "latentdiff"
+        self.source = source  # the folder it was loaded from, for the model hash
+        self._model_hash: str | None = None
+        self._context_cache: dict[tuple[str, int | None], torch.Tensor] = {}
+
+    # ---- sizes -------------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixel sizes must be multiples of this: the VAE's factor times the U-Net's own downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def model_hash(self) -> str | None:
+        if self._model_hash is None and self.source is not None:
+            self._model_hash = folders.folder_hash(self.source)
+        return self._model_hash
+
+    # ---- folders -----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None) -> LatentDiffusionPipeline:
+        """Load a diffusers-layout folder (SD 1.x/2.x style, fp32 or fp16 safetensors); None: the bundled model."""
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+        if path is None:
+            path = BUNDLED_MODEL
+            if not path.is_dir():
+                raise folders.ModelFolderError(
+                    f"the bundled default model is not in this checkout ({path}); pass a model folder"
+                )
+        root = folders.check_model_root(path)
+        unet_dir = folders.component_dir(root, "unet")
+        vae_dir = folders.component_dir(root, "vae")
+        text_dir = folders.component_dir(root, "text_encoder")
+        tokenizer_dir = folders.component_dir(root, "tokenizer")
+        scheduler_dir = folders.component_dir(root, "scheduler")
+
+        scheduler_config = ScheduleConfig.from_dict(read_json(scheduler_dir / "scheduler_config.json"))
+        unet = UNet(UNetConfig.from_dict(read_json(unet_dir / "config.json")))
+        folders.load_weights(unet, unet_dir, "diffusion_pytorch_model")
+        vae = VAE(VAEConfig.from_dict(read_json(vae_dir / "config.json")))
+        folders.load_weights(vae, vae_dir, "diffusion_pytorch_model")
+        text_config = CLIPTextConfig(**_text_config(read_json(text_dir / "config.json")))
+        text_encoder = CLIPTextModel(text_config)
+        # Older transformers saved the position_ids buffer; newer ones rebuild it.
+        folders.load_weights(text_encoder, text_dir, "model", ignore=("position_ids",))
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+
+        stored = folders.read_defaults(root)
+        pipe = cls(
+            unet,
+            vae,
+            text_encoder,
+            tokenizer,
+            scheduler_config,
+            defaults=stored.get("defaults"),
+            name=stored.get("name") or root.resolve().name,
+            source=root,
+        )
+        return pipe.to(device=device, dtype=dtype)
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write a diffusers-layout folder that StableDiffusionPipeline.from_pretrained also reads."""
+
+        def write(tmp: Path) -> None:
+            sampler = self.defaults["sampler"]
+            write_json(tmp / "model_index.json", folders.model_index(folders.DIFFUSERS_SCHEDULERS[sampler]))
+            for name in folders.COMPONENTS:
+                (tmp / name).mkdir()
+            write_json(tmp / "unet" / "config.json", self.unet.config.to_dict())
+            folders.save_weights(self.unet, tmp / "unet" / "diffusion_pytorch_model.safetensors", dtype)
+            write_json(tmp / "vae" / "config.json", self.vae.config.to_dict())
+            folders.save_weights(self.vae, tmp / "vae" / "diffusion_pytorch_model.safetensors", dtype)
+            self.text_encoder.config.save_pretrained(str(tmp / "text_encoder"))
+            folders.save_weights(self.text_encoder, tmp / "text_encoder" / "model.safetensors", dtype)
+            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            scheduler = self.scheduler_config.to_dict()
+            scheduler["_class_name"] = folders.DIFFUSERS_SCHEDULERS[sampler]
+            write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
+            write_json(tmp / folders.DEFAULTS_FILE, {"name": self.model_name, "defaults": self.defaults})
+
+        return folders.write_folder_atomically(path, write)
+
+    def to(self, device=None, dtype=None) -> LatentDiffusionPipeline:
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        self._context_cache.clear()
+        return self
+
+    # ---- generation --------------------------------------------------------------------------------
+    def encode(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
+        """Text context for each prompt; repeated prompts (the empty negative above all) are encoded once."""
+        missing = [p for p in dict.fromkeys(prompts) if (p, clip_skip) not in self._context_cache]
+        if missing:
+            context = encode_prompts(self.tokenizer, self.text_encoder, missing, clip_skip)
+            for prompt, ctx in zip(missing, context):
+                self._context_cache[(prompt, clip_skip)] = ctx
+            while len(self._context_cache) > 256:  # bounded: a long prompt file must not grow it forever
+                self._context_cache.pop(next(iter(self._context_cache)))
+        return torch.stack([self._context_cache[(p, clip_skip)] for p in prompts]).to(self.dtype)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
+        karras: bool = False,
+        seed: int | list[int] | None = None,
+        num_images_per_prompt: int = 1,
+        clip_skip: int | None = None,
+        eta: float = 0.0,
+        progress: bool = True,
+        callback=None,
+    ) -> list[Image.Image]:
+        """Images for `prompt`; `callback(i, t, x)` (if given) sees the latents after each step."""
+        prompts = _as_prompt_list(prompt, "prompt")
+        negatives = _negatives(negative_prompt, len(prompts))
+        height = self.defaults.get("height", self.native_size) if height is None else height
+        width = self.defaults.get("width", self.native_size) if width is None else width
+        steps = self.defaults["steps"] if steps is None else steps
+        guidance_scale = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        sampler_name = self.defaults["sampler"] if sampler is None else sampler
+        self._check_call(height, width, steps, sampler_name, num_images_per_prompt)
+        options = {"eta": eta} if sampler_name == "ddim" else {}
+        schedule = make_sampler(sampler_name, self.scheduler_config, karras=karras, **options)
+        schedule.set_timesteps(steps)
+
+        # 1. One entry per image, prompts-major: image k = (prompt k // n, its k % n-th image).
+        n = num_images_per_prompt
+        image_prompts = [p for p in prompts for _ in range(n)]
+        image_negatives = [p for p in negatives for _ in range(n)]
+        seeds = _seeds(seed, len(image_prompts))
+
+        # 2. Text context; the unconditional half only when guidance is on (guidance_scale > 1).
+        guided = guidance_scale > 1.0
+        context = self.encode(image_prompts, clip_skip)
+        if guided:
+            context = torch.cat([self.encode(image_negatives, clip_skip), context])
+
+        # 3. Initial noise per image from its own CPU generator: independent of batch size and device.
+        shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        x = torch.cat([torch.randn(shape, generator=g) for g in generators])
+        x = (x * schedule.init_noise_sigma).to(self.device, self.dtype)
+
+        # 4. Reverse diffusion, with classifier-free guidance (Ho & Salimans 2022).
+        for i, t in enumerate(tqdm(schedule.timesteps, desc="denoising", disable=not progress, leave=False)):
+            model_in = schedule.scale_model_input(x, t)
+            if guided:
+                out_uncond, out_cond = self.unet(torch.cat([model_in, model_in]), t, context).chunk(2)
+                model_output = out_uncond + guidance_scale * (out_cond - out_uncond)
+            else:
+                model_output = self.unet(model_in, t, context)
+            x = schedule.step(model_output, t, x, generators=generators)
+            if callback is not None:
+                callback(i, t, x)
+
+        # 5. Latents -> pixels in [-1, 1] -> uint8, rounded as diffusers does.
+        images = self.decode_latents(x)
+        records = [
+            {
+                "prompt": p,
+                "negative_prompt": neg,
+                "steps": steps,
+                "sampler": sampler_name,
+                "karras": karras,
+                "eta": eta if sampler_name == "ddim" else None,
+                "guidance_scale": guidance_scale,
+                "seed": s,
+                "width": width,
+                "height": height,
+                "clip_skip": clip_skip,
+                "model": self.model_name,
+                "model_hash": self.model_hash,
+                "latentdiff_version": __version__,
+            }
+            for p, neg, s in zip(image_prompts, image_negatives, seeds)
+        ]
+        return [attach(image, record) for image, record in zip(images, records)]
+
+    def decode_latents(self, x: torch.Tensor) -> list[Image.Image]:
+        shift = self.vae.config.shift_factor or 0.0
+        pixels = self.vae.decode(x / self.vae.config.scaling_factor + shift)
+        arrays = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        return [Image.fromarray(a) for a in (arrays * 255).round().astype(np.uint8)]
+
+    def _check_call(self, height: int, width: int, steps, sampler: str, n: int) -> None:
+        m = self.size_multiple
+        if height <= 0 or width <= 0 or height % m or width % m:
+            raise ValueError(
+                f"size {width}x{height} is not possible with this model: width and height must be positive "
+                f"multiples of {m} (e.g. {max(m, round(width / m) * m)}x{max(m, round(height / m) * m)})"
+            )
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+        if not isinstance(n, int) or n <= 0:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {n!r}")
+
+
+def _as_prompt_list(prompt, what: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError(f"{what} list is empty; give at least one prompt")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"{what} must be a str or a list of str, got {type(bad[0]).__name__}")
+    return prompts
+
+
+def _negatives(negative_prompt, count: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * count
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * count
+    negatives = _as_prompt_list(negative_prompt, "negative_prompt")
+    if len(negatives) != count:
+        raise ValueError(
+            f"got {len(negatives)} negative prompts for {count} prompts; give one for all or one per prompt"
+        )
+    return negatives
+
+
+def _seeds(seed, count: int) -> list[int]:
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**32)
+    if isinstance(seed, int):
+        return [seed + k for k in range(count)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != count:
+        raise ValueError(f"got {len(seeds)} seeds for {count} images; give one seed or one per image")
+    return seeds
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    # transformers writes bookkeeping keys into config.json that its config class does not take.
+    return {k: v for k, v in config.items() if k not in ("architectures", "transformers_version", "_name_or_path")}

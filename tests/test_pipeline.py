@@ -1,0 +1,242 @@
+"""LatentDiffusionPipeline against diffusers' StableDiffusionPipeline on the same tiny random weights."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from latentdiff import LatentDiffusionPipeline
+from latentdiff.testing.tiny import save_tiny_pipeline
+
+SIZE = 32  # tiny VAE (factor 2) and tiny U-Nets (2 or 3 levels) all take 32x32
+DIFFUSERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "ddpm": "DDPMScheduler",
+}
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd1") / "model", "sd1", seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd2") / "model", "sd2", seed=1)
+
+
+def pixels(images):
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+def diffusers_images(folder, prompts, seeds, sampler, karras=False, **kwargs):
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    options = {"use_karras_sigmas": True} if karras else {}
+    pipe.scheduler = getattr(diffusers, DIFFUSERS[sampler]).from_config(pipe.scheduler.config, **options)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        prompts,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="pil",
+        height=SIZE,
+        width=SIZE,
+        **kwargs,
+    )
+    return out.images
+
+
+@pytest.mark.parametrize(
+    "style,sampler,karras",
+    [
+        ("sd1", "dpmpp_2m", False),
+        ("sd1", "ddim", False),
+        ("sd1", "euler", True),
+        ("sd1", "euler_a", False),
+        ("sd1", "heun", False),
+        ("sd2", "dpmpp_2m", True),
+        ("sd2", "euler", False),
+        ("sd2", "ddpm", False),
+    ],
+)
+def test_images_match_diffusers(style, sampler, karras, request):
+    folder = request.getfixturevalue(style)
+    prompts = ["a red circle", "two blue squares on a gray background"]
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    ours = pipe(
+        prompts, negative_prompt="blurry", height=SIZE, width=SIZE, steps=4, guidance_scale=5.0,
+        sampler=sampler, karras=karras, seed=[11, 12], progress=False,
+    )
+    theirs = diffusers_images(
+        folder, prompts, [11, 12], sampler, karras, negative_prompt=["blurry"] * 2,
+        num_inference_steps=4, guidance_scale=5.0,
+    )
+    diff = np.abs(pixels(ours) - pixels(theirs)).max()
+    assert diff <= 3, f"max pixel difference {diff}/255"
+
+
+def test_no_guidance_matches_diffusers_and_runs_conditional_half_only(sd1):
+    pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+    batch_sizes = []
+    hook = pipe.unet.register_forward_hook(lambda m, args, out: batch_sizes.append(args[0].shape[0]))
+    ours = pipe("a red circle", height=SIZE, width=SIZE, steps=3, guidance_scale=1.0, seed=5, progress=False)
+    hook.remove()
+    assert set(batch_sizes) == {1}
+    theirs = diffusers_images(sd1, ["a red circle"], [5], "dpmpp_2m", num_inference_steps=3, guidance_scale=1.0)
+    assert np.abs(pixels(ours) - pixels(theirs)).max() <= 3
+
+
+def test_image_in_batch_equals_image_alone_and_is_repeatable(sd1):
+    pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+    common = dict(height=SIZE, width=SIZE, steps=3, sampler="euler_a", progress=False)
+    batch = pipe(["a red circle", "a blue star"], seed=100, num_images_per_prompt=2, **common)
+    assert [im.info["parameters"].splitlines()[0] for im in batch] == ["a red circle"] * 2 + ["a blue star"] * 2
+    alone = pipe("a blue star", seed=103, **common)  # image k = 3 of the batch used seed 100 + 3
+    assert np.array_equal(pixels(batch[3:]), pixels(alone))
+    again = pipe(["a red circle", "a blue star"], seed=100, num_images_per_prompt=2, **common)
+    assert np.array_equal(pixels(batch), pixels(again))
+    assert not np.array_equal(pixels(batch[:1]), pixels(batch[1:2]))  # different seeds, different images
+
+
+def test_parameters_text_in_a1111_format(sd1):
+    pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+    (image,) = pipe("a red circle", negative_prompt="ugly", height=SIZE, width=SIZE, steps=2, seed=1234,
+                    guidance_scale=7.5, sampler="dpmpp_2m", progress=False)
+    lines = image.info["parameters"].splitlines()
+    assert lines[0] == "a red circle"
+    assert lines[1] == "Negative prompt: ugly"
+    assert lines[2].startswith(f"Steps: 2, Sampler: dpmpp_2m, CFG scale: 7.5, Seed: 1234, Size: {SIZE}x{SIZE}, Model: ")
+    record = json.loads(image.info["latentdiff"])
+    assert record["seed"] == 1234 and record["model_hash"]
+
+
+def test_random_seed_is_recorded_and_reproduces(sd1):
+    pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+    (image,) = pipe("a cat", height=SIZE, width=SIZE, steps=2, progress=False)
+    seed = json.loads(image.info["latentdiff"])["seed"]
+    (again,) = pipe("a cat", height=SIZE, width=SIZE, steps=2, seed=seed, progress=False)
+    assert np.array_equal(pixels([image]), pixels([again]))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_save_load_round_trip_and_diffusers_reads_our_folder(sd2, tmp_path, dtype):
+    pipe = LatentDiffusionPipeline.from_pretrained(sd2)
+    if dtype is not None:  # fp16 files: compare against the same weights rounded to fp16
+        pipe = LatentDiffusionPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "half", dtype=dtype))
+    common = dict(height=SIZE, width=SIZE, steps=3, guidance_scale=4.0, sampler="euler", seed=[7], progress=False)
+    before = pipe("a green triangle", **common)
+    saved = pipe.save_pretrained(tmp_path / "saved", dtype=dtype)
+    after = LatentDiffusionPipeline.from_pretrained(saved)("a green triangle", **common)
+    assert np.array_equal(pixels(before), pixels(after))
+    theirs = diffusers_images(saved, ["a green triangle"], [7], "euler", num_inference_steps=3, guidance_scale=4.0)
+    assert np.abs(pixels(before) - pixels(theirs)).max() <= 3
+
+
+def test_reads_diffusers_fp16_variant_folder(tmp_path):
+    from latentdiff.testing.tiny import tiny_diffusers_pipeline
+
+    dpipe = tiny_diffusers_pipeline("sd1", seed=3)
+    dpipe.to(torch.float16).save_pretrained(str(tmp_path / "m"), variant="fp16", safe_serialization=True)
+    assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "m")
+    assert pipe.dtype == torch.float32
+    ours = pipe("a pink star", height=SIZE, width=SIZE, steps=3, seed=[3], sampler="ddim", progress=False)
+    dpipe.to(torch.float32)
+    dpipe.set_progress_bar_config(disable=True)
+    import diffusers
+
+    dpipe.scheduler = diffusers.DDIMScheduler.from_config(dpipe.scheduler.config)
+    theirs = dpipe("a pink star", generator=[torch.Generator().manual_seed(3)], height=SIZE, width=SIZE,
+                   num_inference_steps=3).images
+    assert np.abs(pixels(ours) - pixels(theirs)).max() <= 3
+
+
+def test_long_prompt_truncated_with_warning_naming_dropped_words(sd1):
+    pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+    prompt = "x" * 80 + " zebra"  # byte-level tokenizer: one token per character, window of 77
+    with pytest.warns(UserWarning, match="zebra"):
+        pipe(prompt, height=SIZE, width=SIZE, steps=1, seed=0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe("short", height=SIZE, width=SIZE, steps=1, seed=0, progress=False)
+
+
+def test_clip_skip_changes_context(sd1):
+    pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+    a = pipe.encode(["a red circle"])
+    b = pipe.encode(["a red circle"], clip_skip=1)
+    assert a.shape == b.shape and not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="clip_skip"):
+        pipe.encode(["a"], clip_skip=5)
+
+
+# ---- bad input: one clear error --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe1(sd1):
+    return LatentDiffusionPipeline.from_pretrained(sd1)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(sampler="plms"), ValueError, r"unknown sampler 'plms'; choose from \['ddim', 'ddpm', 'dpmpp_2m'"),
+        (dict(height=30), ValueError, "multiples of 8"),
+        (dict(width=0), ValueError, "multiples of 8"),
+        (dict(steps=0), ValueError, "steps must be a positive integer"),
+        (dict(steps=-3), ValueError, "steps must be a positive integer"),
+        (dict(prompt=[]), ValueError, "prompt list is empty"),
+        (dict(negative_prompt=["a", "b"]), ValueError, "negative prompts for 1 prompts"),
+        (dict(seed=[1, 2]), ValueError, "2 seeds for 1 images"),
+    ],
+)
+def test_bad_call_arguments(pipe1, kwargs, error, message):
+    call = dict(prompt="a red circle", height=SIZE, width=SIZE, steps=2, seed=0, progress=False)
+    call.update(kwargs)
+    with pytest.raises(error, match=message):
+        pipe1(**call)
+
+
+def test_missing_component_folder_is_named(sd1, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(sd1, tmp_path / "m")
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(ValueError, match="no 'vae' component folder"):
+        LatentDiffusionPipeline.from_pretrained(broken)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ValueError, match="model folder not found"):
+        LatentDiffusionPipeline.from_pretrained(tmp_path / "nope")
+
+
+def test_unsupported_config_key_is_named(sd1, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(sd1, tmp_path / "m")
+    config_path = broken / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["class_embed_type"] = "timestep"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="class_embed_type"):
+        LatentDiffusionPipeline.from_pretrained(broken)
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".ckpt", ".pt"])
+def test_pickle_weights_are_refused(sd1, tmp_path, suffix):
+    import shutil
+
+    broken = shutil.copytree(sd1, tmp_path / "m")
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(suffix))
+    with pytest.raises(ValueError, match="safetensors only"):
+        LatentDiffusionPipeline.from_pretrained(broken)
