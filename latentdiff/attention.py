@@ -1,4 +1,4 @@
-"""Self/cross attention on F.scaled_dot_product_attention, the U-Net's spatial transformer, the VAE's attention.
+"""Self/cross attention on F.scaled_dot_product_attention; the U-Net's spatial transformer, VAE attention.
 
 Parameter names follow diffusers (to_q, to_k, to_v, to_out.0, norm1..3, ff.net.0.proj, ...) so that Stable
 Diffusion checkpoints load with strict=True.
@@ -59,7 +59,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (t.view(B, -1, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        q, k, v = (
+            t.view(B, -1, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v)
+        )  # (B, H, T, D)
         if self.upcast:  # softmax(QK^T) in float32 for half-precision weights (SD 2.1)
             q, k, v = q.float(), k.float(), v.float()
         out = F.scaled_dot_product_attention(q, k, v)
@@ -109,7 +111,12 @@ class TransformerBlock(nn.Module):
         self.only_cross_attention = only_cross_attention
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(
-            dim, heads, head_dim, context_dim if only_cross_attention else None, upcast=upcast, dropout=dropout
+            dim,
+            heads,
+            head_dim,
+            context_dim if only_cross_attention else None,
+            upcast=upcast,
+            dropout=dropout,
         )
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, head_dim, context_dim, upcast=upcast, dropout=dropout)
@@ -176,7 +183,7 @@ class SpatialTransformer(Checkpointed):
 
 
 class VAEAttention(Checkpointed):
-    """Single-head self-attention over the pixels of the VAE's lowest-resolution feature map, with residual."""
+    """Single-head self-attention over the pixels of the VAE's coarsest feature map, with a residual."""
 
     def __init__(self, channels: int, norm_num_groups: int = 32, eps: float = 1e-6):
         super().__init__()

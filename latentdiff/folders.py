@@ -77,9 +77,17 @@ def read_state_dict(folder: Path, stem: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(module: torch.nn.Module, folder: Path, stem: str, ignore: tuple[str, ...] = ()) -> None:
-    """Load safetensors into `module`, casting to its dtype; every key must match (bar `ignore` suffixes)."""
+def load_weights(
+    module: torch.nn.Module, folder: Path, stem: str, ignore: tuple[str, ...] = (), prefix: str = ""
+) -> None:
+    """Load safetensors into `module`, casting to its dtype; every key must match (bar `ignore` suffixes).
+
+    `prefix` is a key prefix that some writers add and others do not (transformers 4 wrote CLIP text
+    weights under `text_model.`, transformers 5 without it): it is added or removed to fit the module.
+    """
     state = read_state_dict(folder, stem)
+    if prefix:
+        state = _fit_prefix(state, module, prefix)
     result = module.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith(ignore)]
     unexpected = [k for k in result.unexpected_keys if not k.endswith(ignore)]
@@ -91,9 +99,22 @@ def load_weights(module: torch.nn.Module, folder: Path, stem: str, ignore: tuple
         )
 
 
-def save_weights(module: torch.nn.Module, path: Path, dtype: torch.dtype | None) -> None:
+def _fit_prefix(state: dict[str, torch.Tensor], module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    module_has = any(k.startswith(prefix) for k in module.state_dict())
+    file_has = any(k.startswith(prefix) for k in state)
+    if module_has and not file_has:
+        return {prefix + k: v for k, v in state.items()}
+    if file_has and not module_has:
+        return {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+def save_weights(module: torch.nn.Module, path: Path, dtype: torch.dtype | None, prefix: str = "") -> None:
+    """Write `module`'s weights as safetensors; `prefix` is put on keys that lack it (see load_weights)."""
     state = {}
     for key, tensor in module.state_dict().items():
+        if prefix and not key.startswith(prefix):
+            key = prefix + key
         tensor = tensor.detach().to("cpu")
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)

@@ -40,7 +40,9 @@ def slugify(text: str, max_bytes: int = SLUG_MAX_BYTES, empty: str = "prompt") -
     return slug or empty
 
 
-def image_filename(prompt: str, line: int, index: int, seed: int, max_slug_bytes: int = SLUG_MAX_BYTES) -> str:
+def image_filename(
+    prompt: str, line: int, index: int, seed: int, max_slug_bytes: int = SLUG_MAX_BYTES
+) -> str:
     """The PNG name for image `index` (0-based) of the prompt on `line` (1-based), made with `seed`."""
     return f"{int(line):05d}-{int(index):02d}-{int(seed)}-{slugify(prompt, max_slug_bytes)}.png"
 
@@ -53,7 +55,6 @@ def grid_filename(prompt: str, line: int, max_slug_bytes: int = SLUG_MAX_BYTES) 
 def inside(folder: str | Path, name: str) -> Path:
     """folder / name, refusing any name that would resolve outside `folder` (belt and braces)."""
     folder = Path(folder).resolve()
-    path = (folder / name).resolve()
-    if path.parent != folder or "\x00" in name:
+    if "\x00" in name or (folder / name).resolve().parent != folder:
         raise ValueError(f"unsafe file name {name!r}: it would not land directly in {folder}")
-    return path
+    return folder / name

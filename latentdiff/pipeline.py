@@ -21,6 +21,9 @@ from latentdiff.unet import UNet, UNetConfig
 from latentdiff.vae import VAE, VAEConfig
 
 FALLBACK_DEFAULTS = {"steps": 25, "guidance_scale": 7.5, "sampler": "dpmpp_2m"}
+# Stable Diffusion folders store CLIP text weights under this prefix (transformers 5 drops it in memory);
+# we write it so that every transformers version reads our folders.
+CLIP_PREFIX = "text_model."
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "shapes-tiny"
 
 
@@ -56,8 +59,8 @@ class LatentDiffusionPipeline:
 
     @property
     def size_multiple(self) -> int:
-        """Pixel sizes must be multiples of this: the VAE's factor times the U-Net's own downsampling."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        """Pixel sizes must be multiples of the VAE's factor; the U-Net takes any latent size, as diffusers'."""
+        return self.vae_scale_factor
 
     @property
     def native_size(self) -> int:
@@ -104,7 +107,7 @@ class LatentDiffusionPipeline:
         text_config = CLIPTextConfig(**_text_config(read_json(text_dir / "config.json")))
         text_encoder = CLIPTextModel(text_config)
         # Older transformers saved the position_ids buffer; newer ones rebuild it.
-        folders.load_weights(text_encoder, text_dir, "model", ignore=("position_ids",))
+        folders.load_weights(text_encoder, text_dir, "model", ignore=("position_ids",), prefix=CLIP_PREFIX)
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
 
         stored = folders.read_defaults(root)
@@ -133,7 +136,8 @@ class LatentDiffusionPipeline:
             write_json(tmp / "vae" / "config.json", self.vae.config.to_dict())
             folders.save_weights(self.vae, tmp / "vae" / "diffusion_pytorch_model.safetensors", dtype)
             self.text_encoder.config.save_pretrained(str(tmp / "text_encoder"))
-            folders.save_weights(self.text_encoder, tmp / "text_encoder" / "model.safetensors", dtype)
+            text_weights = tmp / "text_encoder" / "model.safetensors"
+            folders.save_weights(self.text_encoder, text_weights, dtype, prefix=CLIP_PREFIX)
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             scheduler = self.scheduler_config.to_dict()
             scheduler["_class_name"] = folders.DIFFUSERS_SCHEDULERS[sampler]
@@ -151,11 +155,12 @@ class LatentDiffusionPipeline:
     # ---- generation --------------------------------------------------------------------------------
     def encode(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
         """Text context for each prompt; repeated prompts (the empty negative above all) are encoded once."""
-        missing = [p for p in dict.fromkeys(prompts) if (p, clip_skip) not in self._context_cache]
-        if missing:
-            context = encode_prompts(self.tokenizer, self.text_encoder, missing, clip_skip)
-            for prompt, ctx in zip(missing, context):
-                self._context_cache[(prompt, clip_skip)] = ctx
+        for prompt in dict.fromkeys(prompts):
+            if (prompt, clip_skip) not in self._context_cache:
+                # One prompt per text-encoder call: a batch could change the last bits of the result,
+                # and an image must not depend on which other prompts share its batch.
+                context = encode_prompts(self.tokenizer, self.text_encoder, [prompt], clip_skip)
+                self._context_cache[(prompt, clip_skip)] = context[0]
             while len(self._context_cache) > 256:  # bounded: a long prompt file must not grow it forever
                 self._context_cache.pop(next(iter(self._context_cache)))
         return torch.stack([self._context_cache[(p, clip_skip)] for p in prompts]).to(self.dtype)

@@ -256,16 +256,16 @@ def _convert(field: str, value: str, name: str) -> Any:
     if field in ("negative_prompt", "prompt"):
         return value
     if field == "sampler":
-        return _check(field, value, name)
+        return check_value(field, value, name)
     if field in _INT_FIELDS:
         if not re.fullmatch(r"[+-]?\d+", value):
             raise ValueError(f"{name} must be a whole number, got {value!r}")
-        return _check(field, int(value), name)
+        return check_value(field, int(value), name)
     try:  # guidance_scale
         number = float(value)
     except ValueError:
         raise ValueError(f"{name} must be a number, got {value!r}") from None
-    return _check(field, number, name)
+    return check_value(field, number, name)
 
 
 def _convert_json(field: str, value: Any) -> Any:
@@ -273,7 +273,7 @@ def _convert_json(field: str, value: Any) -> Any:
     if field == "sampler":
         if not isinstance(value, str):
             raise ValueError(f"{name} must be a string, got {json.dumps(value)}")
-        return _check(field, value, name)
+        return check_value(field, value, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {json.dumps(value)}")
     if field in _INT_FIELDS:
@@ -281,11 +281,11 @@ def _convert_json(field: str, value: Any) -> Any:
             if not value.is_integer():
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
             value = int(value)
-        return _check(field, value, name)
-    return _check(field, float(value), name)
+        return check_value(field, value, name)
+    return check_value(field, float(value), name)
 
 
-def _check(field: str, value: Any, name: str) -> Any:
+def check_value(field: str, value: Any, name: str) -> Any:
     """Range checks that do not depend on the model (the pipeline checks size multiples itself)."""
     if field == "sampler":
         sampler = value.strip().lower()

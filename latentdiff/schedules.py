@@ -37,7 +37,7 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
 _HARMLESS_KEYS = {
     "skip_prk_steps",  # PNDM's Runge-Kutta warm-up; we have no PNDM
     "use_karras_sigmas",  # a sampler choice, made by make_sampler(karras=...)
-    "solver_order",  # DPM-Solver knobs: the sampler name fixes them (dpmpp_2m = order 2, dpmsolver++, midpoint)
+    "solver_order",  # DPM-Solver knobs the sampler name fixes (dpmpp_2m: order 2, dpmsolver++, midpoint)
     "algorithm_type",
     "solver_type",
     "lower_order_final",  # no effect on 2M while the last sigma is zero
@@ -55,16 +55,21 @@ class ScheduleConfig:
     num_train_timesteps: int = 1000  # T, number of discrete training timesteps
     beta_start: float = 0.0001  # beta_1
     beta_end: float = 0.02  # beta_T
-    beta_schedule: str = "linear"  # "linear" | "scaled_linear" (SD) | "squaredcos_cap_v2" (Nichol & Dhariwal 2021)
+    beta_schedule: str = (
+        "linear"  # "linear" | "scaled_linear" (SD) | "squaredcos_cap_v2" (Nichol & Dhariwal 2021)
+    )
     prediction_type: str = "epsilon"  # what the U-Net predicts: "epsilon" | "v_prediction" | "sample" (x0)
     timestep_spacing: str = "leading"  # "leading" | "trailing" | "linspace" (Lin et al. 2023, Table 2)
     steps_offset: int = 0  # added to "leading" timesteps (SD uses 1)
     rescale_betas_zero_snr: bool = False  # rescale betas to zero terminal SNR (Lin et al. 2023, Alg. 1)
-    clip_sample: bool = False  # clamp predicted x0 (pixel models); refused by ddim/ddpm/heun. diffusers' default
-    #                            is True for DDIM/DDPM but False for latent models; to_dict always writes it
+    # clamp predicted x0 to +-clip_sample_range (pixel models); refused by ddim/ddpm/heun. diffusers'
+    # DDIM/DDPM default is True, but latent models set False, which is our default; to_dict always writes it
+    clip_sample: bool = False
     clip_sample_range: float = 1.0  # clamp range when clip_sample
     set_alpha_to_one: bool = True  # DDIM: alpha_cumprod "before t=0" is 1 (else alphas_cumprod[0])
-    sample_max_value: float = 1.0  # dynamic-thresholding ceiling (thresholding is refused; kept for round trip)
+    sample_max_value: float = (
+        1.0  # dynamic-thresholding ceiling (thresholding is refused; kept for round trip)
+    )
 
     def __post_init__(self):
         for key, allowed in (
@@ -74,14 +79,17 @@ class ScheduleConfig:
         ):
             if getattr(self, key) not in allowed:
                 raise UnsupportedConfigError(
-                    f"scheduler config: {key} = {getattr(self, key)!r} is not supported; choose from {list(allowed)}"
+                    f"scheduler config: {key} = {getattr(self, key)!r} is not supported; "
+                    f"choose from {list(allowed)}"
                 )
         if self.num_train_timesteps < 2:
-            raise UnsupportedConfigError(f"scheduler config: num_train_timesteps = {self.num_train_timesteps} < 2")
+            raise UnsupportedConfigError(
+                f"scheduler config: num_train_timesteps = {self.num_train_timesteps} < 2"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "scheduler_config.json") -> ScheduleConfig:
-        """From a diffusers scheduler config (any of its scheduler classes); refuses what would sample differently."""
+        """From a diffusers scheduler config (any scheduler class); refuses what would sample differently."""
         rest = {}
         for key, value in d.items():
             if key in _HARMLESS_KEYS:
@@ -102,7 +110,7 @@ class ScheduleConfig:
 
 
 def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """Betas discretizing alpha_bar(t) = cos^2((t + s) / (1 + s) * pi / 2), s = 0.008; Nichol & Dhariwal 2021 eq. 17."""
+    """Betas of alpha_bar(t) = cos^2((t + s) / (1 + s) * pi / 2), s = 0.008; Nichol & Dhariwal 2021 eq. 17."""
 
     def alpha_bar(t: float) -> float:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -136,7 +144,9 @@ def make_betas(config: ScheduleConfig) -> torch.Tensor:
     elif config.beta_schedule == "squaredcos_cap_v2":
         betas = cosine_betas(T)
     else:
-        raise UnsupportedConfigError(f"beta_schedule {config.beta_schedule!r}; choose from {list(BETA_SCHEDULES)}")
+        raise UnsupportedConfigError(
+            f"beta_schedule {config.beta_schedule!r}; choose from {list(BETA_SCHEDULES)}"
+        )
     if config.rescale_betas_zero_snr:
         betas = rescale_zero_terminal_snr(betas)
     return betas
@@ -148,7 +158,7 @@ def alphas_cumprod(config: ScheduleConfig) -> torch.Tensor:
 
 
 def train_sigmas(config: ScheduleConfig) -> torch.Tensor:
-    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for t = 0..T-1 (float32), as in Karras et al. 2022 (VE form).
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), t = 0..T-1 (float32); Karras et al. 2022 VE form.
 
     Under zero-SNR alpha_bar_{T-1} = 0 would make sigma infinite; like diffusers it is set to 2**-24 first.
     """
@@ -159,7 +169,7 @@ def train_sigmas(config: ScheduleConfig) -> torch.Tensor:
 
 
 def spaced_timesteps(config: ScheduleConfig, num_steps: int) -> np.ndarray:
-    """Descending float64 inference timesteps for a spacing; Lin et al. 2023, Table 2 ("linspace" is unrounded)."""
+    """Descending float64 inference timesteps; Lin et al. 2023, Table 2 ("linspace" left unrounded)."""
     T = config.num_train_timesteps
     if config.timestep_spacing == "linspace":
         return np.linspace(0, T - 1, num_steps)[::-1].copy()
@@ -167,21 +177,25 @@ def spaced_timesteps(config: ScheduleConfig, num_steps: int) -> np.ndarray:
         return (np.arange(num_steps) * (T // num_steps))[::-1].astype(np.float64) + config.steps_offset
     if config.timestep_spacing == "trailing":
         return np.round(np.arange(T, 0, -T / num_steps)) - 1
-    raise UnsupportedConfigError(f"timestep_spacing {config.timestep_spacing!r}; choose from {list(TIMESTEP_SPACINGS)}")
+    raise UnsupportedConfigError(
+        f"timestep_spacing {config.timestep_spacing!r}; choose from {list(TIMESTEP_SPACINGS)}"
+    )
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
-    """sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho; Karras et al. 2022 eq. 5."""
+    """sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho; Karras et al. 2022 eq. 5."""
     ramp = np.linspace(0, 1, num_steps)
     hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (hi + ramp * (lo - hi)) ** rho
 
 
 def sigma_to_timestep(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
-    """Fractional timesteps whose sigma is `sigmas`, by linear interpolation of log(sigma) over the training table."""
+    """Fractional timesteps of `sigmas`, interpolating log(sigma) linearly over the training table."""
     log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
     # index of the last training log-sigma <= log_sigma (the table ascends with t), kept inside [0, T-2]
-    low = np.clip(np.searchsorted(log_train_sigmas, log_sigma, side="right") - 1, 0, len(log_train_sigmas) - 2)
+    low = np.clip(
+        np.searchsorted(log_train_sigmas, log_sigma, side="right") - 1, 0, len(log_train_sigmas) - 2
+    )
     lo, hi = log_train_sigmas[low], log_train_sigmas[low + 1]
     w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
     return (1 - w) * low + w * (low + 1)
@@ -193,20 +207,24 @@ def _per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> to
     return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def add_noise(
+    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
     """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps; Ho et al. 2020 eq. 4 (q(x_t | x_0))."""
     ab = _per_sample(alphas_cumprod, t, x0)  # cast to x0's dtype first, as diffusers
     return ab**0.5 * x0 + (1 - ab) ** 0.5 * noise
 
 
-def velocity_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def velocity_target(
+    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
     """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0; Salimans & Ho 2022, section 4."""
     ab = _per_sample(alphas_cumprod, t, x0)
     return ab**0.5 * noise - (1 - ab) ** 0.5 * x0
 
 
 def snr(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """SNR(t) = alpha_bar_t / (1 - alpha_bar_t), float32, shaped like t (for Min-SNR weighting, Hang et al. 2023)."""
+    """SNR(t) = alpha_bar_t / (1 - alpha_bar_t), float32, shaped like t; for Min-SNR (Hang et al. 2023)."""
     alpha = (alphas_cumprod**0.5).to(t.device)[t].float()
     sigma = ((1.0 - alphas_cumprod) ** 0.5).to(t.device)[t].float()
     return (alpha / sigma) ** 2

@@ -43,4 +43,5 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int |
         return text_encoder(ids)[0]
     out = text_encoder(ids, output_hidden_states=True)
     hidden = out.hidden_states[-(clip_skip + 1)]
-    return text_encoder.text_model.final_layer_norm(hidden)
+    # transformers 4 nests the CLIP layers under .text_model; transformers 5 does not.
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)

@@ -104,15 +104,24 @@ class UNetConfig:
                 if value not in allowed:
                     raise UnsupportedConfigError(f"{key}: {value!r} is not supported; choose from {allowed}")
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(f"down_block_types and up_block_types need one entry per block_out_channels ({n})")
+            raise ValueError(
+                f"down_block_types and up_block_types need one entry per block_out_channels ({n})"
+            )
         if any(not isinstance(k, int) for k in per_level(self.transformer_layers_per_block, n)):
-            raise UnsupportedConfigError("transformer_layers_per_block: nested (asymmetric) values are not supported")
+            raise UnsupportedConfigError(
+                "transformer_layers_per_block: nested (asymmetric) values are not supported"
+            )
         activation(self.act_fn)
 
     @property
     def heads(self) -> tuple[int, ...]:
         """Attention heads per level, resolved as diffusers does (attention_head_dim means heads if unset)."""
         return per_level(self.num_attention_heads or self.attention_head_dim, len(self.block_out_channels))
+
+    @property
+    def time_embed_dim(self) -> int:
+        """Width of the time embedding fed to every resnet."""
+        return self.time_embedding_dim or 4 * self.block_out_channels[0]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
@@ -129,7 +138,9 @@ class UNetConfig:
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:
     """Sinusoidal embedding of (B,) timesteps (Vaswani et al. 2017, as in DDPM): (B, dim)."""
     half = dim // 2
-    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    exponent = (
+        -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    )
     angles = t[:, None].float() * torch.exp(exponent)[None, :]
     sin, cos = torch.sin(angles), torch.cos(angles)
     emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
@@ -219,48 +230,45 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
+def make_resblock(cfg: UNetConfig, in_ch: int, out_ch: int, output_scale: float = 1.0) -> ResBlock:
+    return ResBlock(
+        in_ch, out_ch, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn,
+        cfg.dropout, cfg.resnet_time_scale_shift, output_scale,
+    )  # fmt: skip
+
+
+def make_transformer(cfg: UNetConfig, level: int, channels: int, only_cross: bool) -> SpatialTransformer:
+    n = len(cfg.block_out_channels)
+    heads = cfg.heads[level]
+    return SpatialTransformer(
+        channels, heads, channels // heads, per_level(cfg.cross_attention_dim, n)[level],
+        per_level(cfg.transformer_layers_per_block, n)[level], cfg.norm_num_groups,
+        cfg.use_linear_projection, only_cross, cfg.upcast_attention, cfg.dropout,
+    )  # fmt: skip
+
+
 class Level(nn.Module):
     """One U-Net resolution: resnets, each optionally followed by a spatial transformer, then a resampler.
 
-    Down levels take `in_channels` from the level above; up levels concatenate a skip before each resnet
-    (`skip_channels`, one per resnet) and so have their own resnet input widths.
+    `in_chs` lists each resnet's input width (up levels include the concatenated skip).
     """
 
-    def __init__(self, cfg: UNetConfig, level: int, in_channels: list[int], out_channels: int, attn: bool, up: bool):
+    def __init__(self, cfg: UNetConfig, level: int, in_chs: list[int], out_ch: int, attn: bool, up: bool):
         super().__init__()
         n = len(cfg.block_out_channels)
-        temb_dim = cfg.time_embedding_dim or 4 * cfg.block_out_channels[0]
-        heads = cfg.heads[level]
-        self.resnets = nn.ModuleList(
-            ResBlock(c, out_channels, temb_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn, cfg.dropout,
-                     cfg.resnet_time_scale_shift)
-            for c in in_channels
-        )
+        self.resnets = nn.ModuleList(make_resblock(cfg, c, out_ch) for c in in_chs)
         if attn:
-            self.attentions = nn.ModuleList(
-                SpatialTransformer(
-                    out_channels,
-                    heads,
-                    out_channels // heads,
-                    per_level(cfg.cross_attention_dim, n)[level],
-                    per_level(cfg.transformer_layers_per_block, n)[level],
-                    cfg.norm_num_groups,
-                    cfg.use_linear_projection,
-                    per_level(cfg.only_cross_attention, n)[level],
-                    cfg.upcast_attention,
-                    cfg.dropout,
-                )
-                for _ in in_channels
-            )
+            only_cross = per_level(cfg.only_cross_attention, n)[level]
+            self.attentions = nn.ModuleList(make_transformer(cfg, level, out_ch, only_cross) for _ in in_chs)
         last = level == (0 if up else n - 1)  # no resampling past the finest (up) or coarsest (down) level
         if not last and up:
-            self.upsamplers = nn.ModuleList([Upsample(out_channels)])
+            self.upsamplers = nn.ModuleList([Upsample(out_ch)])
         elif not last:
-            self.downsamplers = nn.ModuleList([Downsample(out_channels, cfg.downsample_padding)])
+            self.downsamplers = nn.ModuleList([Downsample(out_ch, cfg.downsample_padding)])
 
     def pairs(self):
         attentions = getattr(self, "attentions", [None] * len(self.resnets))
-        return zip(self.resnets, attentions)
+        return zip(self.resnets, attentions, strict=True)
 
 
 class MidBlock(nn.Module):
@@ -269,20 +277,8 @@ class MidBlock(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         c = cfg.block_out_channels[-1]
-        temb_dim = cfg.time_embedding_dim or 4 * cfg.block_out_channels[0]
-        self.resnets = nn.ModuleList(
-            ResBlock(c, c, temb_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn, cfg.dropout,
-                     cfg.resnet_time_scale_shift, cfg.mid_block_scale_factor)
-            for _ in range(2)
-        )
-        heads = cfg.heads[-1]
-        self.attentions = nn.ModuleList([
-            SpatialTransformer(
-                c, heads, c // heads, per_level(cfg.cross_attention_dim, 1)[-1],
-                per_level(cfg.transformer_layers_per_block, 1)[-1], cfg.norm_num_groups,
-                cfg.use_linear_projection, False, cfg.upcast_attention, cfg.dropout,
-            )
-        ])
+        self.resnets = nn.ModuleList(make_resblock(cfg, c, c, cfg.mid_block_scale_factor) for _ in (0, 1))
+        self.attentions = nn.ModuleList([make_transformer(cfg, -1, c, only_cross=False)])
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         h = self.resnets[0](h, temb)
@@ -298,8 +294,10 @@ class UNet(nn.Module):
         ch = cfg.block_out_channels
         n = len(ch)
         layers = per_level(cfg.layers_per_block, n)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], cfg.conv_in_kernel, padding=(cfg.conv_in_kernel - 1) // 2)
-        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embedding_dim or 4 * ch[0], cfg.act_fn)
+        self.conv_in = nn.Conv2d(
+            cfg.in_channels, ch[0], cfg.conv_in_kernel, padding=(cfg.conv_in_kernel - 1) // 2
+        )
+        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, cfg.act_fn)
 
         self.down_blocks = nn.ModuleList()
         skip_channels = [ch[0]]  # widths of the tensors the down path hands to the up path
@@ -317,11 +315,15 @@ class UNet(nn.Module):
             prev = ch[min(i + 1, n - 1)]
             skips = [skip_channels.pop() for _ in range(layers[i] + 1)]
             in_channels = [(prev if k == 0 else ch[i]) + s for k, s in enumerate(skips)]
-            self.up_blocks.append(Level(cfg, i, in_channels, ch[i], attn=block_type.startswith("CrossAttn"), up=True))
+            self.up_blocks.append(
+                Level(cfg, i, in_channels, ch[i], attn=block_type.startswith("CrossAttn"), up=True)
+            )
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_act = activation(cfg.act_fn)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, padding=(cfg.conv_out_kernel - 1) // 2)
+        self.conv_out = nn.Conv2d(
+            ch[0], cfg.out_channels, cfg.conv_out_kernel, padding=(cfg.conv_out_kernel - 1) // 2
+        )
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute resnets and transformers in the backward pass (training mode only) to save memory."""

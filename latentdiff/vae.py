@@ -85,7 +85,11 @@ class DiagonalGaussian:
         if other is None:
             return 0.5 * torch.sum(self.mean**2 + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
         return 0.5 * torch.sum(
-            (self.mean - other.mean) ** 2 / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar,
+            (self.mean - other.mean) ** 2 / other.var
+            + self.var / other.var
+            - 1.0
+            - self.logvar
+            + other.logvar,
             dim=[1, 2, 3],
         )
 
@@ -95,7 +99,9 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool):
         super().__init__()
-        self.resnets = nn.ModuleList(ResBlock(channels, channels, None, groups, EPS, act_fn) for _ in range(2))
+        self.resnets = nn.ModuleList(
+            ResBlock(channels, channels, None, groups, EPS, act_fn) for _ in range(2)
+        )
         self.attentions = nn.ModuleList([VAEAttention(channels, groups, EPS)] if add_attention else [])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -108,7 +114,9 @@ class MidBlock(nn.Module):
 class Level(nn.Module):
     """Resnets at one resolution, then an optional stride-2 downsampler or x2 upsampler."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, cfg: VAEConfig, resample: str | None):
+    def __init__(
+        self, in_channels: int, out_channels: int, num_layers: int, cfg: VAEConfig, resample: str | None
+    ):
         super().__init__()
         groups, act = cfg.norm_num_groups, cfg.act_fn
         self.resnets = nn.ModuleList(

@@ -65,6 +65,7 @@ def diffusers_images(folder, prompts, seeds, sampler, karras=False, **kwargs):
         ("sd2", "euler", False),
         ("sd2", "ddpm", False),
     ],
+    ids=lambda v: str(v),
 )
 def test_images_match_diffusers(style, sampler, karras, request):
     folder = request.getfixturevalue(style)
@@ -189,8 +190,8 @@ def pipe1(sd1):
     "kwargs,error,message",
     [
         (dict(sampler="plms"), ValueError, r"unknown sampler 'plms'; choose from \['ddim', 'ddpm', 'dpmpp_2m'"),
-        (dict(height=30), ValueError, "multiples of 8"),
-        (dict(width=0), ValueError, "multiples of 8"),
+        (dict(height=31), ValueError, "multiples of 2"),
+        (dict(width=0), ValueError, "multiples of 2"),
         (dict(steps=0), ValueError, "steps must be a positive integer"),
         (dict(steps=-3), ValueError, "steps must be a positive integer"),
         (dict(prompt=[]), ValueError, "prompt list is empty"),

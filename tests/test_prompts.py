@@ -201,7 +201,7 @@ def test_jsonl_all_keys_and_errors(tmp_path):
 def test_csv_rows_quotes_multiline_and_errors(tmp_path):
     text = (
         "prompt,seed,steps,negative_prompt,guidance_scale\r\n"
-        'plain,1,2,,\r\n'
+        "plain,1,2,,\r\n"
         '"with, comma and ""quotes"" --d 9",,,"bad, ugly",7\r\n'
         '"two\nlines",5,,,\r\n'
         "bad seed,abc,,,\r\n"
@@ -242,7 +242,7 @@ def test_file_level_errors(tmp_path):
     with pytest.raises(PromptFileError, match="cannot read prompt file"):
         read_prompt_file(tmp_path / "missing.txt")
     (tmp_path / "p.yaml").write_text("x")
-    with pytest.raises(PromptFileError, match=r"unknown prompt file type '.yaml'; use one of .txt, .jsonl, .csv"):
+    with pytest.raises(PromptFileError, match=r"file type '.yaml'; use one of .txt, .jsonl, .csv"):
         read_prompt_file(tmp_path / "p.yaml")
     (tmp_path / "latin1.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
     with pytest.raises(PromptFileError, match=r"not UTF-8 \(line 2"):

@@ -42,7 +42,9 @@ class Prompt:
 
     objects: tuple[tuple[str, str], ...]  # (color, shape) of each distinct object, in caption order
     count: int = 1  # how many copies of objects[0] (2..4 for counting, else 1)
-    relation: str | None = None  # "left_of" | "right_of" | "above" | "below": objects[0] <relation> objects[1]
+    relation: str | None = (
+        None  # "left_of" | "right_of" | "above" | "below": objects[0] <relation> objects[1]
+    )
     background: str | None = None  # "white" | "black" | "gray", or None when the caption names none
 
     def __post_init__(self):
@@ -134,7 +136,9 @@ def all_prompts(category: str) -> list[Prompt]:
     if category == "single":
         return [Prompt((k,), background=bg) for k in kinds for bg in backgrounds]
     if category == "counting":
-        return [Prompt((k,), count=n, background=bg) for n in NUMBER_WORDS for k in kinds for bg in backgrounds]
+        return [
+            Prompt((k,), count=n, background=bg) for n in NUMBER_WORDS for k in kinds for bg in backgrounds
+        ]
     if category in ("two_objects", "position"):
         relations = (None,) if category == "two_objects" else tuple(RELATION_WORDS)
         return [
@@ -164,8 +168,26 @@ def _heldout() -> tuple[str, ...]:
 
 
 def heldout_prompts(categories: tuple[str, ...] | None = None) -> list[str]:
-    """The bundled held-out prompt suite (latentdiff/eval/heldout_prompts.txt), optionally only some categories."""
+    """The bundled held-out suite (latentdiff/eval/heldout_prompts.txt), optionally only some categories."""
     prompts = list(_heldout())
     if categories is not None:
         prompts = [p for p in prompts if parse_caption(p).category in categories]
+    return prompts
+
+
+def read_prompt_file(path) -> list[str]:
+    """Canonical prompts, one a line (blank lines and # comments skipped); ValueError naming the bad line."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            try:
+                parse_caption(text)
+            except ValueError as e:
+                raise ValueError(f"{path}, line {lineno}: {e}") from None
+            prompts.append(text)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
     return prompts

@@ -21,7 +21,11 @@ class BadImageError(ValueError):
 
 @contextlib.contextmanager
 def pixel_limit(max_pixels: int):
-    """Pillow's bomb check at `max_pixels`, with its warning (between 1x and 2x the limit) raised as an error."""
+    """Pillow's bomb check at `max_pixels`, its warning (1x to 2x the limit) raised as an error.
+
+    Process-wide (Pillow's limit and the warning filters are globals): enter it once around a whole scan,
+    never in worker threads.
+    """
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
@@ -35,10 +39,14 @@ def pixel_limit(max_pixels: int):
 def open_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode `path` fully and return it upright in RGB, or raise BadImageError saying why it is unusable."""
     path = Path(path)
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own check must not be stricter than ours
     try:
         if path.stat().st_size == 0:
             raise BadImageError("empty file (0 bytes)")
-        with pixel_limit(max_pixels), Image.open(path) as img:
+        with Image.open(path) as img:
+            if img.width * img.height > max_pixels:  # checked on the header, before decoding anything
+                raise BadImageError(f"decompression bomb: {img.width}x{img.height} is more than {max_pixels} pixels")
             img.load()  # a truncated or corrupt file fails here, not at open()
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
@@ -56,7 +64,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """RGB for any Pillow mode: transparency composited on white, CMYK/P/L/16-bit converted."""
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode in ("RGB", "L") and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode in ("RGB", "L") and "transparency" in img.info
+    ):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
@@ -68,7 +78,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize_crop(
-    img: Image.Image, resolution: int, random_crop: bool = False, flip: bool = False, rng: random.Random | None = None
+    img: Image.Image,
+    resolution: int,
+    random_crop: bool = False,
+    flip: bool = False,
+    rng: random.Random | None = None,
 ) -> Image.Image:
     """Shorter side -> `resolution` (bicubic), then a centre (or random) square crop; mirrored if `flip`."""
     rng = rng or random.Random(0)

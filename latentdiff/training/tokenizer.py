@@ -22,7 +22,9 @@ EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
 # CLIP's word splitter (transformers' CLIPTokenizer uses the same): contractions, letter runs, single
 # digits, runs of other non-space symbols.
-CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+CLIP_SPLIT_PATTERN = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
 
 
 def byte_symbols() -> list[str]:
@@ -30,7 +32,11 @@ def byte_symbols() -> list[str]:
     from tokenizers.pre_tokenizers import ByteLevel
 
     # ByteLevel.alphabet() is unordered; rebuild the order from the GPT-2 rule instead of trusting it.
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table, shifted = {}, 0
     for b in range(256):
         if b in printable:
@@ -99,7 +105,9 @@ def write_clip_tokenizer_files(folder: str | Path, merges: list[tuple[str, str]]
             tokens.append(a + b)
     tokens += [BOS_TOKEN, EOS_TOKEN]
     vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
-    vocab_path.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")
+    vocab_path.write_text(
+        json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8"
+    )
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     merges_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return vocab_path, merges_path
@@ -122,7 +130,9 @@ def train_clip_tokenizer(
 
     fixed = 512 + 2
     if vocab_size < fixed:
-        raise ValueError(f"vocab_size must be >= {fixed} (256 bytes, 256 end-of-word bytes, 2 specials), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be >= {fixed} (256 bytes, 256 end-of-word bytes, 2 specials), got {vocab_size}"
+        )
     if model_max_length < 2:
         raise ValueError(f"model_max_length must be >= 2 (start and end tokens), got {model_max_length}")
     merges = learn_merges(captions, vocab_size - fixed, min_frequency=min_frequency)

@@ -1,0 +1,444 @@
+"""Generate images from a prompt file (or -p prompts) into a folder, with a manifest; resumable, parallel.
+
+The run is planned before anything is drawn: every image of the run gets a `Task` (its line, its index
+on that line, seed, size, sampler, file name) in file order, so the plan is the same on every rank and in
+every rerun. Image k of the run uses seed + k unless its line sets a seed (then image i of that line uses
+line seed + i). Under `accelerate launch`, rank r takes tasks r, r + N, r + 2N, ...; each rank batches
+its tasks that share size, steps, guidance and sampler, writes each PNG atomically and appends its
+manifest line to OUT/manifest.rank{r}.partial.jsonl; at the end rank 0 merges everything into
+OUT/manifest.jsonl (global order, one line per file) and removes the parts. Pixels depend only on an
+image's own seed and settings, so the batching and the split never change an image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from latentdiff.cli import UserError
+from latentdiff.naming import grid_filename, image_filename
+from latentdiff.prompts import LineError, PromptFileError, PromptJob, check_value, read_prompt_file
+
+MANIFEST = "manifest.jsonl"
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16"}
+DTYPES |= {"bfloat16": "bfloat16", "bf16": "bfloat16"}
+# Manifest keys, in the order they are written (file relative to OUT).
+MANIFEST_KEYS = (
+    "file",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "sampler",
+    "karras",
+    "width",
+    "height",
+    "model",
+    "model_hash",
+    "line",
+    "index",
+)
+
+
+def add_arguments(parser) -> None:
+    add = parser.add_argument
+    add("prompt_file", nargs="?", metavar="PROMPT_FILE", help="a .txt, .jsonl or .csv file")
+    add("-p", "--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
+    add("--model", metavar="DIR", help="diffusers-layout model folder (default: the bundled model)")
+    add("--out", metavar="DIR", default="outputs", help="output folder (default: outputs)")
+    add("--negative", metavar="TEXT", help="negative prompt for lines that set none")
+    add("--steps", type=int, help="denoising steps (default: the model's)")
+    add("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
+    add("--sampler", help="ddpm, ddim, euler, euler_a, heun, dpmpp_2m (default: the model's)")
+    add("--karras", action="store_true", help="Karras et al. sigmas (euler, euler_a, heun, dpmpp_2m)")
+    add("--seed", type=int, default=0, help="image k of the run uses SEED + k (default 0)")
+    add("--width", type=int, help="image width in pixels (default: the model's)")
+    add("--height", type=int, help="image height in pixels (default: the model's)")
+    add("--images-per-prompt", type=int, default=1, metavar="N", help="images per line (default 1)")
+    add("--batch-size", type=int, default=1, metavar="N", help="images per forward pass (default 1)")
+    add("--device", help="torch device, e.g. cpu, cuda:1 (default: cpu, or the rank's GPU)")
+    add("--dtype", choices=sorted(DTYPES), help="weights and compute dtype (default float32)")
+    add("--grid", action="store_true", help="also write a grid image per prompt line")
+    add("--resume", action="store_true", help="skip images already written and in the manifest")
+    add("--quiet", action="store_true", help="no progress bar")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One image of the run, fully resolved."""
+
+    k: int  # position in the run (0-based, file order)
+    line: int
+    index: int  # image index on its line
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    sampler: str
+    karras: bool
+    width: int
+    height: int
+
+    @property
+    def file(self) -> str:
+        return image_filename(self.prompt, self.line, self.index, self.seed)
+
+    @property
+    def batch_key(self) -> tuple:
+        """Tasks with equal keys can share one pipeline call."""
+        return (self.width, self.height, self.steps, self.guidance_scale, self.sampler, self.karras)
+
+    def manifest_record(self, model: str, model_hash: str | None) -> dict[str, Any]:
+        values = {**self.__dict__, "file": self.file, "model": model, "model_hash": model_hash}
+        return {key: values[key] for key in MANIFEST_KEYS}
+
+
+def run(args) -> int:
+    started = time.perf_counter()
+    source, jobs, errors = _read_jobs(args)
+    _check_options(args)
+    state = _distributed_state(args.device)
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    main_process = rank == 0
+    out = _prepare_out(Path(args.out))
+    if main_process:
+        for error in errors:
+            print(f"{source}:{error.line}: error: {error.message}", file=sys.stderr)
+
+    pipe = _load_pipeline(args, state)
+    tasks = plan(jobs, args, resolved_defaults(pipe))
+    model, model_hash = pipe.model_name, pipe.model_hash
+    extra = {
+        "model_path": str(Path(args.model).resolve()) if args.model else None,
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "device": pipe.device.type,  # not the index: every rank must write the same record
+    }
+
+    known = read_manifest(out) if args.resume else {}
+    # Batches are cut from the whole run, then dealt out: rank r runs batches r, r + N, ... So every
+    # image is made in the same batch as in a one-process, uninterrupted run, bit for bit.
+    mine = batches(tasks, args.batch_size)[rank::world]
+    todo = [[t for t in batch if not _done(out, t, known, model, model_hash)] for batch in mine]
+    pending = sum(len(b) for b in todo)
+    counts = {"made": 0, "skipped": sum(len(b) for b in mine) - pending, "failed": 0}
+    part = out / f"manifest.rank{rank}.partial.jsonl"
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=pending, unit="img", disable=args.quiet or not main_process, desc="generating")
+    interrupted = False
+    generating = time.perf_counter()
+    with _StopOnCtrlC() as stop:
+        try:
+            for batch, wanted in zip(mine, todo, strict=True):
+                if not wanted:
+                    continue
+                if stop.requested:
+                    interrupted = True
+                    break
+                try:
+                    images = pipe(
+                        [t.prompt for t in batch],
+                        negative_prompt=_negatives(batch),
+                        height=batch[0].height,
+                        width=batch[0].width,
+                        steps=batch[0].steps,
+                        guidance_scale=batch[0].guidance_scale,
+                        sampler=batch[0].sampler,
+                        karras=batch[0].karras,
+                        seed=[t.seed for t in batch],
+                        progress=False,
+                    )
+                except ValueError as e:  # settings this model cannot do (e.g. a size it cannot divide)
+                    for t in wanted:
+                        print(f"{source}:{t.line}: error: {e}", file=sys.stderr)
+                    counts["failed"] += len(wanted)
+                    bar.update(len(wanted))
+                    continue
+                for t, image in zip(batch, images, strict=True):
+                    if t in wanted:
+                        _save(out, part, t, image, model, model_hash, {**extra, "batch_size": len(batch)})
+                        counts["made"] += 1
+                        bar.update(1)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now; what was written is whole
+            interrupted = True
+    bar.close()
+
+    if state is not None and not interrupted:
+        state.wait_for_everyone()
+    if main_process and (world == 1 or not interrupted):
+        merge_manifest(out, tasks, model, model_hash)
+        if args.grid and not interrupted:
+            _write_grids(out, tasks)
+    seconds = time.perf_counter() - started
+    _summary(counts, len(errors), seconds, time.perf_counter() - generating, interrupted, rank, world)
+    if interrupted:
+        return 130
+    return 1 if errors or counts["failed"] else 0
+
+
+# ---- planning ----------------------------------------------------------------------------------------
+
+
+def resolved_defaults(pipe) -> dict[str, Any]:
+    """The model's defaults with the size filled in (the native size when the folder stores none)."""
+    native = getattr(pipe, "native_size", None)
+    defaults = dict(pipe.defaults)
+    defaults.setdefault("height", native)
+    defaults.setdefault("width", native)
+    return defaults
+
+
+def plan(jobs: list[PromptJob], args, defaults: dict[str, Any]) -> list[Task]:
+    """Every image of the run in file order: line options > command-line options > model defaults."""
+    defaults = {"negative_prompt": "", **defaults}
+
+    def pick(line_value, cli_value, key):
+        return line_value if line_value is not None else cli_value if cli_value is not None else defaults[key]
+
+    tasks: list[Task] = []
+    for job in jobs:
+        for index in range(job.images if job.images is not None else args.images_per_prompt):
+            k = len(tasks)
+            tasks.append(
+                Task(
+                    k=k,
+                    line=job.line,
+                    index=index,
+                    prompt=job.prompt,
+                    negative_prompt=job.negative_prompt
+                    if job.negative_prompt is not None
+                    else args.negative or "",
+                    seed=job.seed + index if job.seed is not None else args.seed + k,
+                    steps=pick(job.steps, args.steps, "steps"),
+                    guidance_scale=float(pick(job.guidance_scale, args.cfg, "guidance_scale")),
+                    sampler=pick(job.sampler, args.sampler, "sampler"),
+                    karras=bool(args.karras),
+                    width=pick(job.width, args.width, "width"),
+                    height=pick(job.height, args.height, "height"),
+                )
+            )
+    return tasks
+
+
+def batches(tasks: list[Task], batch_size: int) -> list[list[Task]]:
+    """Tasks grouped by batch key (groups in order of first appearance), cut into runs of batch_size."""
+    groups: dict[tuple, list[Task]] = {}
+    for t in tasks:
+        groups.setdefault(t.batch_key, []).append(t)
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+def _negatives(batch: list[Task]) -> list[str] | None:
+    negatives = [t.negative_prompt for t in batch]
+    return None if not any(negatives) else negatives  # None: exactly what the API does by default
+
+
+# ---- manifest ----------------------------------------------------------------------------------------
+
+
+def read_manifest(out: Path) -> dict[str, dict[str, Any]]:
+    """file -> record from OUT/manifest.jsonl, then per-rank parts (later lines win); torn lines skipped."""
+    records: dict[str, dict[str, Any]] = {}
+    for path in [out / MANIFEST, *sorted(out.glob("manifest.rank*.partial.jsonl"))]:
+        if not path.is_file():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash; its image is made again
+            if isinstance(record, dict) and isinstance(record.get("file"), str):
+                records[record["file"]] = record
+    return records
+
+
+def _done(out: Path, task: Task, known: dict, model: str, model_hash: str | None) -> bool:
+    record = known.get(task.file)
+    return record == task.manifest_record(model, model_hash) and (out / task.file).is_file()
+
+
+def merge_manifest(out: Path, tasks: list[Task], model: str, model_hash: str | None) -> None:
+    """Rewrite OUT/manifest.jsonl: earlier runs' images first, then this run's in run order; drop parts."""
+    known = read_manifest(out)
+    ours = {t.file for t in tasks}
+    lines = [r for f, r in known.items() if f not in ours and (out / f).is_file()]
+    lines += [known[t.file] for t in tasks if _done(out, t, known, model, model_hash)]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines)
+    _write_atomically(out / MANIFEST, text.encode("utf-8"))
+    for part in out.glob("manifest.rank*.partial.jsonl"):
+        part.unlink(missing_ok=True)
+
+
+def _save(out: Path, part: Path, task: Task, image, model: str, model_hash, extra: dict) -> None:
+    from latentdiff.metadata import RECORD_KEY, save_png
+
+    record = json.loads(image.info[RECORD_KEY]) if RECORD_KEY in image.info else {}
+    record |= {"line": task.line, "index": task.index, "file": task.file, **extra}
+    save_png(image, out / task.file, record)
+    with open(part, "a", encoding="utf-8") as f:  # after the PNG: a listed file is always whole
+        f.write(json.dumps(task.manifest_record(model, model_hash), ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_grids(out: Path, tasks: list[Task]) -> None:
+    """One grid per line, from the images on disk (any rank may have made them); lines with gaps skipped."""
+    from PIL import Image
+
+    from latentdiff.metadata import save_png
+
+    by_line: dict[int, list[Task]] = {}
+    for t in tasks:
+        by_line.setdefault(t.line, []).append(t)
+    for line, group in by_line.items():
+        paths = [out / t.file for t in group]
+        if not all(p.is_file() for p in paths):
+            continue
+        images = [Image.open(p).convert("RGB") for p in paths]
+        cols = math.ceil(math.sqrt(len(images)))
+        rows = math.ceil(len(images) / cols)
+        w, h = images[0].size
+        grid = Image.new("RGB", (cols * w, rows * h))
+        for i, im in enumerate(images):
+            grid.paste(im, ((i % cols) * w, (i // cols) * h))
+        save_png(grid, out / grid_filename(group[0].prompt, line))
+
+
+# ---- set-up ------------------------------------------------------------------------------------------
+
+
+def _read_jobs(args) -> tuple[str, list[PromptJob], list[LineError]]:
+    if args.prompt_file and args.prompt:
+        raise UserError("give a prompt file or -p prompts, not both")
+    if args.prompt:
+        jobs = [PromptJob(line=i, prompt=p) for i, p in enumerate(args.prompt, start=1) if p.strip()]
+        errors = [LineError(i, "empty prompt") for i, p in enumerate(args.prompt, start=1) if not p.strip()]
+        return "-p", jobs, errors
+    if not args.prompt_file:
+        raise UserError("give a prompt file (.txt, .jsonl, .csv) or at least one -p TEXT")
+    try:
+        jobs, errors = read_prompt_file(args.prompt_file)
+    except PromptFileError as e:
+        raise UserError(str(e)) from None
+    return args.prompt_file, jobs, errors
+
+
+def _check_options(args) -> None:
+    try:
+        for field, value, name in [
+            ("steps", args.steps, "--steps"),
+            ("guidance_scale", args.cfg, "--cfg"),
+            ("sampler", args.sampler, "--sampler"),
+            ("seed", args.seed, "--seed"),
+            ("width", args.width, "--width"),
+            ("height", args.height, "--height"),
+            ("images", args.images_per_prompt, "--images-per-prompt"),
+            ("images", args.batch_size, "--batch-size"),
+        ]:
+            if value is not None:
+                value = check_value(field, value, name)
+                if field == "sampler":
+                    args.sampler = value
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _prepare_out(out: Path) -> Path:
+    """Create --out and prove it is writable, before any time is spent loading the model."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    return out
+
+
+def _distributed_state(device: str | None):
+    """accelerate's PartialState when launched with several processes; None for a plain run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    # Without cpu=True accelerate falls back to one process when there is no GPU (gloo on CPU).
+    return PartialState(cpu=(device or "").startswith("cpu") or not torch.cuda.is_available())
+
+
+def _load_pipeline(args, state):
+    import torch
+
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    device = args.device or (state.device if state is not None else "cpu")
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    try:
+        pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    except (OSError, ValueError) as e:  # ModelFolderError is a ValueError
+        raise UserError(f"cannot load model: {e}") from None
+    try:
+        return pipe.to(device=device, dtype=dtype)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"cannot use --device {device}: {e}") from None
+
+
+class _StopOnCtrlC:
+    """First Ctrl-C: finish the batch in hand, then stop. Second: stop at once (KeyboardInterrupt)."""
+
+    requested = False
+
+    def __enter__(self):
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after the image in hand (Ctrl-C again to stop now)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _summary(
+    counts: dict, bad_lines: int, seconds: float, busy: float, interrupted: bool, rank, world
+) -> None:
+    """`seconds` is the whole wall time; s/image counts only the time spent making images."""
+    who = f"[rank {rank}/{world}] " if world > 1 else ""
+    per_image = f", {busy / counts['made']:.2f} s/image" if counts["made"] else ""
+    bad = f", {bad_lines} bad line{'s' if bad_lines != 1 else ''}" if bad_lines and rank == 0 else ""
+    print(
+        f"{who}made {counts['made']}, skipped {counts['skipped']}, failed {counts['failed']}{bad}; "
+        f"{seconds:.1f} s{per_image}",
+        file=sys.stderr,
+    )
+    if interrupted:
+        print(f"{who}interrupted: rerun with --resume to finish", file=sys.stderr)

@@ -1,0 +1,106 @@
+"""Show a model folder: components, parameter counts, sizes on disk and stored defaults."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+from latentdiff.cli import UserError
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "model", nargs="?", metavar="MODEL", help="diffusers-layout folder (default: bundled model)"
+    )
+    parser.add_argument(
+        "--no-hash", action="store_true", help="skip hashing the weights (fast on big models)"
+    )
+
+
+def run(args) -> int:
+    from latentdiff import folders
+    from latentdiff.pipeline import BUNDLED_MODEL, FALLBACK_DEFAULTS
+
+    root = Path(args.model) if args.model else BUNDLED_MODEL
+    try:
+        folders.check_model_root(root)
+    except folders.ModelFolderError as e:
+        hint = "" if args.model else " (the bundled model is not in this checkout; pass a model folder)"
+        raise UserError(f"{e}{hint}") from None
+    index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+    stored = folders.read_defaults(root)
+    print(f"model   {stored.get('name') or root.resolve().name}")
+    print(f"folder  {root.resolve()}")
+    if not args.no_hash:
+        print(f"hash    {folders.folder_hash(root)}")
+
+    total_params = total_bytes = 0
+    print("\ncomponent     class                           parameters  dtype      size")
+    for name in folders.COMPONENTS:
+        library_class = index.get(name) or [None, "?"]
+        folder = root / name
+        params, dtypes = _count_parameters(folder)
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+        total_params += params
+        total_bytes += size
+        shown = f"{params:,}" if params else "-"
+        dtype = "/".join(sorted(dtypes)) or "-"
+        print(f"{name:<13} {library_class[1] or '-':<30} {shown:>12}  {dtype:<9} {_size(size)}")
+    print(f"{'total':<13} {'':<30} {total_params:>12,}  {'':<9} {_size(total_bytes)}")
+
+    defaults = {**FALLBACK_DEFAULTS, **stored.get("defaults", {})}
+    if "height" not in defaults or "width" not in defaults:
+        native = _native_size(root)
+        if native:
+            defaults.setdefault("height", native)
+            defaults.setdefault("width", native)
+    print(
+        "\ndefaults"
+        + ("" if stored.get("defaults") else f" (none stored in {folders.DEFAULTS_FILE}; latentdiff's)")
+    )
+    for key in sorted(defaults):
+        print(f"  {key:<15} {defaults[key]}")
+    scheduler = root / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        config = json.loads(scheduler.read_text(encoding="utf-8"))
+        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+        print("\nschedule")
+        for key in keys:
+            if key in config:
+                print(f"  {key:<20} {config[key]}")
+    return 0
+
+
+def _count_parameters(folder: Path) -> tuple[int, set[str]]:
+    """Parameters and dtypes from the safetensors headers alone (no tensor is read)."""
+    count, dtypes = 0, set()
+    if not folder.is_dir():
+        return count, dtypes
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for key, entry in header.items():
+            if key != "__metadata__":
+                count += math.prod(entry["shape"])
+                dtypes.add(entry["dtype"])
+    return count, dtypes
+
+
+def _native_size(root: Path) -> int | None:
+    try:
+        unet = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""

@@ -1,0 +1,185 @@
+"""Training checkpoints: OUT/checkpoint-N/ written atomically, found again for --resume, pruned to --keep-checkpoints.
+
+A checkpoint is written into a hidden temporary folder, renamed into place, and only then marked complete
+with the COMPLETE file; a folder without the marker (a crash in between) is never resumed from or counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from latentdiff.training.errors import TrainingError
+
+MARKER = "COMPLETE"
+NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint that is missing, incomplete, or does not fit this run."""
+
+
+# ---- finding ---------------------------------------------------------------------------------------------
+def complete_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint in `out_dir`, oldest first."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for path in out_dir.iterdir():
+        match = NAME.match(path.name)
+        if match and path.is_dir() and (path / MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(resume: str | None, out_dir: str | Path) -> Path | None:
+    """The checkpoint folder --resume names; None for 'latest' with none yet (the caller starts fresh)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = complete_checkpoints(out_dir)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
+    if not (path / MARKER).is_file():
+        inside = complete_checkpoints(path)  # an output folder: take its newest checkpoint
+        if inside:
+            return inside[-1][1]
+        raise CheckpointError(
+            f"--resume {resume}: not a complete checkpoint (no {MARKER} marker; it was interrupted while "
+            f"being written); resume from an older checkpoint-N folder or use --resume latest"
+        )
+    return path
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+def assert_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    bad = [
+        k
+        for k, t in tensors.items()
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()
+    ]
+    if bad:
+        raise TrainingError(
+            f"refusing to save {what}: non-finite values in {bad[:5]}{' ...' if len(bad) > 5 else ''}"
+        )
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """Every random state of this process (python, numpy, torch CPU/CUDA) and the training generator."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def write_checkpoint(out_dir: Path, step: int, accelerator, write_shared, rng: dict) -> Path | None:
+    """Write OUT/checkpoint-`step`; every process adds its RNG state, the main process `write_shared(tmp)`."""
+    out_dir = Path(out_dir)
+    final = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
+    error = None
+    if accelerator.is_main_process:
+        try:
+            write_shared(tmp)
+        except BaseException as e:  # noqa: B036 - the others must not wait forever at the barrier below
+            error = e
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise error
+        if final.exists():  # a re-run over an old checkpoint of the same step: move it aside first
+            old = out_dir / f".checkpoint-{step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        (final / MARKER).write_text(f"step {step}\n")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune(out_dir: str | Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (call only after a new one is complete)."""
+    if not keep or keep <= 0:
+        return []
+    found = complete_checkpoints(out_dir)
+    removed = []
+    for _, path in found[:-keep]:
+        (path / MARKER).unlink()  # unmark first: a half-deleted folder must never look complete
+        shutil.rmtree(path)
+        removed.append(path)
+    return removed
+
+
+def remove_stale_temporaries(out_dir: str | Path) -> None:
+    """Temporary folders left by a run that was killed while writing a checkpoint."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir():
+        for path in out_dir.glob(".checkpoint-*.tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- the files of one checkpoint -------------------------------------------------------------------------
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    return load_file(str(path))
+
+
+def save_json(data: dict, path: Path) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_torch(path: Path):
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,182 @@
+"""`python training/train.py` (or `accelerate launch training/train.py`): the command line of a training run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from latentdiff.training.images import DEFAULT_MAX_PIXELS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Fine-tune a latentdiff / Stable Diffusion model folder on image-caption pairs, with Accelerate "
+        "(run unchanged under `accelerate launch` for several processes, GPUs or nodes).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    run = p.add_argument_group("run")
+    run.add_argument("--model", required=True, help="diffusers-layout model folder to start from")
+    run.add_argument(
+        "--data",
+        required=True,
+        help="folder of images + same-name .txt captions, or with metadata.jsonl/.csv; "
+        "or 'shapes' / 'shapes:SEED' for Shapes scenes drawn on the fly",
+    )
+    run.add_argument(
+        "--output-dir", required=True, help="checkpoints, logs, validation grids and final/ go here"
+    )
+    run.add_argument(
+        "--max-steps", type=int, default=1000, help="optimizer steps in all (a resumed run continues to it)"
+    )
+    run.add_argument("--batch-size", type=int, default=4, help="images per process per micro-batch")
+    run.add_argument(
+        "--resolution", type=int, default=None, help="square training size in pixels (default: the model's)"
+    )
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--checkpoint-every", type=int, default=0, help="write OUT/checkpoint-N every N steps (0: never)"
+    )
+    run.add_argument("--keep-checkpoints", type=int, default=None, help="keep only the newest K checkpoints")
+    run.add_argument(
+        "--resume",
+        default=None,
+        help="'latest' (newest in --output-dir; fresh if none) or a checkpoint folder",
+    )
+
+    data = p.add_argument_group("data")
+    data.add_argument("--caption-extension", default=".txt")
+    data.add_argument("--image-column", default="file_name", help="metadata column naming the image file")
+    data.add_argument("--caption-column", default="text", help="metadata column holding the caption")
+    data.add_argument(
+        "--missing-captions",
+        choices=["error", "skip", "empty"],
+        default="error",
+        help="images without a caption: stop and name them, leave them out, or train them with ''",
+    )
+    data.add_argument("--random-crop", action="store_true", help="random instead of centre crops")
+    data.add_argument(
+        "--flip", action="store_true", help="random horizontal flips (breaks left/right captions)"
+    )
+    data.add_argument(
+        "--caption-dropout",
+        type=float,
+        default=0.1,
+        help="probability of training with the empty caption (needed for classifier-free guidance)",
+    )
+    data.add_argument(
+        "--cache-latents", action="store_true", help="encode each image once with the frozen VAE"
+    )
+    data.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="files with more pixels are skipped as decompression bombs",
+    )
+    data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    data.add_argument("--shapes-count", type=int, default=100_000, help="distinct scenes for --data shapes")
+
+    model = p.add_argument_group("what trains")
+    model.add_argument("--train-text-encoder", action="store_true", help="train the text encoder too")
+    model.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="train LoRA adapters of this rank on the attention projections instead (merged on export)",
+    )
+    model.add_argument(
+        "--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: the rank)"
+    )
+    model.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations to save memory"
+    )
+    model.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+
+    opt = p.add_argument_group("optimization")
+    opt.add_argument(
+        "--learning-rate", type=float, default=None, help="default 1e-5, or 1e-4 with --lora-rank"
+    )
+    opt.add_argument("--text-encoder-lr", type=float, default=None, help="default: --learning-rate")
+    opt.add_argument(
+        "--lr-scheduler",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="after warm-up; cosine decays to 0 at --max-steps",
+    )
+    opt.add_argument("--lr-warmup-steps", type=int, default=0)
+    opt.add_argument("--adam-beta1", type=float, default=0.9)
+    opt.add_argument("--adam-beta2", type=float, default=0.999)
+    opt.add_argument("--adam-weight-decay", type=float, default=1e-2)
+    opt.add_argument("--adam-epsilon", type=float, default=1e-8)
+    opt.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    opt.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    opt.add_argument(
+        "--ema",
+        type=float,
+        nargs="?",
+        const=0.9999,
+        default=None,
+        metavar="DECAY",
+        help="keep EMA weights (decay 0.9999 if no value) for validation and export",
+    )
+    opt.add_argument(
+        "--snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting (5.0 is usual)"
+    )
+    opt.add_argument("--noise-offset", type=float, default=0.0)
+    opt.add_argument(
+        "--max-nan-steps", type=int, default=5, help="stop after this many NaN/inf steps in a row"
+    )
+
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--validate-every", type=int, default=0, help="sample --validation-prompts every N steps"
+    )
+    out.add_argument("--validation-prompts", nargs="*", default=[], metavar="PROMPT")
+    out.add_argument("--validation-steps", type=int, default=20, help="sampling steps for validation grids")
+    out.add_argument("--validation-guidance-scale", type=float, default=None, help="default: the model's")
+    out.add_argument("--report-to", choices=["tensorboard", "none"], default="tensorboard")
+    out.add_argument("--save-dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of final/")
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    positive = ["max_steps", "batch_size", "grad_accum", "max_nan_steps", "validation_steps", "shapes_count"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("checkpoint_every", "validate_every", "lr_warmup_steps", "num_workers"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must not be negative")
+    if args.keep_checkpoints is not None and args.keep_checkpoints < 1:
+        p.error("--keep-checkpoints must be at least 1")
+    if args.resolution is not None and args.resolution < 1:
+        p.error("--resolution must be positive")
+    if not 0.0 <= args.caption_dropout <= 1.0:
+        p.error(f"--caption-dropout must be in [0, 1], got {args.caption_dropout}")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        p.error("--lora-rank must be at least 1")
+    if args.ema is not None and not 0.0 < args.ema < 1.0:
+        p.error(f"--ema decay must be in (0, 1), got {args.ema}")
+    if args.validate_every and not args.validation_prompts:
+        p.error("--validate-every needs --validation-prompts")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+
+    from latentdiff.training.errors import TrainingError
+    from latentdiff.training.loop import train
+
+    try:
+        summary = train(args)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if summary.get("final"):
+        print(
+            f"done: {summary['steps']} steps, {summary['images_per_s']:.2f} images/s this run, "
+            f"{summary['nan_skipped']} non-finite steps skipped; model in {summary['final']}"
+        )
+    return 0

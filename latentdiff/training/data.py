@@ -1,0 +1,280 @@
+"""Training examples: image-caption folders (kohya .txt or metadata.jsonl/.csv) and Shapes scenes drawn on the fly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from latentdiff.training.errors import TrainingError
+from latentdiff.training.images import (
+    DEFAULT_MAX_PIXELS,
+    BadImageError,
+    open_rgb,
+    pixel_limit,
+    resize_crop,
+    to_tensor,
+)
+
+MISSING_CAPTION_POLICIES = ("error", "skip", "empty")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+class DataError(TrainingError, ValueError):
+    """The data cannot be used as given; the message names the files and the way out."""
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    caption: str | None  # None: no caption was found
+
+
+@dataclass
+class Found:
+    """What a data folder holds: usable examples, files skipped (path, reason), images without captions."""
+
+    examples: list[Example]
+    bad_files: list[tuple[Path, str]]
+    uncaptioned: list[Path]
+
+
+def find_examples(
+    folder: str | Path,
+    missing_captions: str = "error",
+    caption_extension: str = ".txt",
+    image_column: str = "file_name",
+    caption_column: str = "text",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int = 4,
+) -> Found:
+    """Every usable (image, caption) pair in `folder`; bad files are listed, never raised."""
+    if missing_captions not in MISSING_CAPTION_POLICIES:
+        raise DataError(
+            f"unknown --missing-captions {missing_captions!r}; choose from {list(MISSING_CAPTION_POLICIES)}"
+        )
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"data folder not found: {folder}")
+    if not folder.is_dir():
+        raise DataError(f"--data must be a folder of images and captions (or 'shapes'), got a file: {folder}")
+
+    present = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+    if len(present) > 1:
+        raise DataError(f"{folder} has both metadata.jsonl and metadata.csv; keep one of them")
+    if present:
+        candidates, missing = _from_metadata(present[0], image_column, caption_column)
+    else:
+        candidates, missing = _from_caption_files(folder, caption_extension), []
+    if not candidates and not missing:
+        raise DataError(
+            f"no images found in {folder}: expected images with same-name {caption_extension} captions, "
+            f"or a metadata.jsonl / metadata.csv ({image_column!r} + {caption_column!r} columns)"
+        )
+
+    bad = [(path, "file listed in the metadata does not exist") for path in missing]
+    with pixel_limit(max_pixels), ThreadPoolExecutor(max(1, workers)) as pool:
+        reasons = list(pool.map(lambda ex: _check_image(ex.path, max_pixels), candidates))
+    good = []
+    for example, reason in zip(candidates, reasons):
+        if reason is None:
+            good.append(example)
+        else:
+            bad.append((example.path, reason))
+
+    uncaptioned = [ex.path for ex in good if ex.caption is None]
+    if uncaptioned and missing_captions == "error":
+        raise DataError(
+            f"{len(uncaptioned)} image(s) in {folder} have no caption: {_names(uncaptioned, folder)}; "
+            f"add captions, or pass --missing-captions skip (leave them out) or empty (train them with '')"
+        )
+    if missing_captions == "skip":
+        good = [ex for ex in good if ex.caption is not None]
+    else:
+        good = [Example(ex.path, ex.caption if ex.caption is not None else "") for ex in good]
+    if not good:
+        raise DataError(
+            f"no usable images in {folder}: all {len(bad) + len(uncaptioned)} were skipped "
+            f"({_names([p for p, _ in bad] + uncaptioned, folder)})"
+        )
+    return Found(good, bad, uncaptioned)
+
+
+def bad_files_message(bad: list[tuple[Path, str]], folder: str | Path, limit: int = 100) -> str:
+    """The one warning for all skipped files: each named with its reason."""
+    lines = [f"  {_rel(p, folder)}: {why}" for p, why in bad[:limit]]
+    if len(bad) > limit:
+        lines.append(f"  ... and {len(bad) - limit} more")
+    return f"skipped {len(bad)} unusable file(s) in {folder}:\n" + "\n".join(lines)
+
+
+def _check_image(path: Path, max_pixels: int) -> str | None:
+    try:
+        open_rgb(path, max_pixels)
+    except BadImageError as e:
+        return str(e)
+    return None
+
+
+def _from_caption_files(folder: Path, caption_extension: str) -> list[Example]:
+    """kohya style: every non-caption file is a candidate image (Pillow decides); captions share its stem."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p, folder))
+    captions = {p.with_suffix(""): p for p in files if p.suffix.lower() == caption_extension}
+    examples = []
+    for path in files:
+        if path.suffix.lower() == caption_extension:
+            continue
+        caption_file = captions.get(path.with_suffix(""))
+        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file else None
+        examples.append(Example(path, caption))
+    return examples
+
+
+def _from_metadata(path: Path, image_column: str, caption_column: str) -> tuple[list[Example], list[Path]]:
+    """Hugging Face imagefolder style: rows of (file_name relative to the folder, text)."""
+    rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+    examples, missing = [], []
+    for line, row in rows:
+        if image_column not in row or not row[image_column]:
+            raise DataError(
+                f"{path}, row {line}: no {image_column!r} (columns: {sorted(row)}); "
+                f"set --image-column if the images are named in another column"
+            )
+        file = path.parent / str(row[image_column])
+        caption = row.get(caption_column)
+        caption = None if caption is None else str(caption).strip()
+        if file.is_file():
+            examples.append(Example(file, caption))
+        else:
+            missing.append(file)
+    return examples, missing
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    for i, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {i}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {i}: expected a JSON object, got {type(row).__name__}")
+        rows.append((i, row))
+    return rows
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return [
+            (i, {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(csv.DictReader(f), 2)
+        ]
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _rel(path: Path, folder: str | Path) -> str:
+    try:
+        return str(Path(path).relative_to(folder))
+    except ValueError:
+        return str(path)
+
+
+def _names(paths: list[Path], folder: str | Path, limit: int = 20) -> str:
+    names = ", ".join(_rel(p, folder) for p in paths[:limit])
+    return names + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The randomness of one example in one epoch (crop, flip, caption dropout): independent of order and rank."""
+    return random.Random(f"{seed}:{epoch}:{index}")
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Items are keyed by (epoch, index): the same key always gives the same crop, flip and dropped caption."""
+
+    def __init__(
+        self,
+        examples: list[Example],
+        resolution: int,
+        random_crop: bool = False,
+        flip: bool = False,
+        caption_dropout: float = 0.0,
+        seed: int = 0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        self.examples = examples
+        self.resolution, self.random_crop, self.flip = resolution, random_crop, flip
+        self.caption_dropout, self.seed, self.max_pixels = caption_dropout, seed, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def image(self, index: int, rng: random.Random) -> Image.Image:
+        img = open_rgb(self.examples[index].path, self.max_pixels)
+        flip = self.flip and rng.random() < 0.5
+        return resize_crop(img, self.resolution, self.random_crop, flip, rng)
+
+    def caption(self, index: int) -> str:
+        return self.examples[index].caption or ""
+
+    def image_tensor(self, index: int) -> torch.Tensor:
+        """The image with the epoch-0 crop (for --cache-latents, where crops are fixed)."""
+        return to_tensor(self.image(index, sample_rng(self.seed, 0, index)))
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        rng = sample_rng(self.seed, epoch, index)
+        dropped = rng.random() < self.caption_dropout
+        item = {"index": index, "caption": "" if dropped else self.caption(index)}
+        item["pixels"] = to_tensor(self.image(index, rng))
+        return item
+
+
+class ShapesScenes(CaptionedImages):
+    """`length` synthetic scenes from latentdiff.data.shapes, drawn on the fly at the training resolution."""
+
+    def __init__(
+        self, length: int, resolution: int, scene_seed: int = 0, caption_dropout: float = 0.0, seed: int = 0
+    ):
+        super().__init__([], resolution, caption_dropout=caption_dropout, seed=seed)
+        from latentdiff.data.shapes import ShapesDataset
+
+        self.scenes = ShapesDataset(length, seed=scene_seed, size=resolution, paraphrase=True)
+        self._last: tuple[int, dict] | None = None
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def _scene(self, index: int) -> dict:
+        if self._last is None or self._last[0] != index:  # caption() and image() of one item draw it once
+            self._last = (index, self.scenes[index])
+        return self._last[1]
+
+    def image(self, index: int, rng: random.Random) -> Image.Image:
+        img = self._scene(index)["image"].convert("RGB")
+        return img if img.size == (self.resolution, self.resolution) else resize_crop(img, self.resolution)
+
+    def caption(self, index: int) -> str:
+        return self._scene(index)["text"]
+
+
+def parse_shapes_spec(spec: str) -> int | None:
+    """'shapes' -> 0, 'shapes:7' -> 7, anything else -> None (a folder)."""
+    if spec == "shapes":
+        return 0
+    if spec.startswith("shapes:"):
+        try:
+            return int(spec.split(":", 1)[1])
+        except ValueError:
+            raise DataError(f"--data {spec!r}: the Shapes seed must be an integer, e.g. shapes:7") from None
+    return None

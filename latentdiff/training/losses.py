@@ -1,0 +1,77 @@
+"""The denoising loss: noise the latents at a random t, predict eps / v / x0, weighted MSE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from latentdiff.schedules import add_noise, snr, velocity_target
+
+
+def sample_noise(
+    latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0
+) -> torch.Tensor:
+    """eps ~ N(0, I) from a CPU generator (same numbers on any device), plus offset noise (Guttenberg 2023)."""
+    noise = torch.randn(latents.shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+    return noise.to(latents.device, latents.dtype)
+
+
+def target_for(prediction_type: str, latents, noise, t, alphas_cumprod) -> torch.Tensor:
+    """What the U-Net should output at (x_t, t)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return velocity_target(latents, noise, t, alphas_cumprod)
+    if prediction_type == "sample":
+        return latents
+    raise ValueError(
+        f"unknown prediction_type {prediction_type!r}; choose from epsilon, v_prediction, sample"
+    )
+
+
+def min_snr_weights(
+    t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 9), written for the eps / v / x0 parameterisation.
+
+    The x0-space weight min(SNR, gamma) becomes min(SNR, gamma) / SNR for eps and min(SNR, gamma) / (SNR + 1)
+    for v. SNR = 0 (zero-terminal-SNR schedules) would divide by zero for eps; that weight is clamped.
+    """
+    s = snr(t, alphas_cumprod)
+    clipped = torch.minimum(s, torch.full_like(s, gamma))
+    if prediction_type == "epsilon":
+        return clipped / s.clamp(min=1e-8)
+    if prediction_type == "v_prediction":
+        return clipped / (s + 1)
+    return clipped
+
+
+def diffusion_loss(
+    unet,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+    generator: torch.Generator,
+    noise_offset: float = 0.0,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """One training loss (scalar, float32) for clean latents x0 and their text context."""
+    # 1. eps and t ~ U{0..T-1}, both from the training generator
+    noise = sample_noise(latents, generator, noise_offset)
+    t = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator).to(latents.device)
+    # 2. forward process q(x_t | x_0) (Ho et al. 2020, eq. 4)
+    noisy = add_noise(latents, noise, t, alphas_cumprod)
+    target = target_for(prediction_type, latents, noise, t, alphas_cumprod)
+    # 3. prediction and per-sample MSE
+    pred = unet(noisy, t, context)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(
+        dim=list(range(1, pred.ndim))
+    )
+    if snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(t, alphas_cumprod, snr_gamma, prediction_type).to(
+            per_sample.device
+        )
+    return per_sample.mean()

@@ -1,0 +1,317 @@
+"""`latentdiff generate | reproduce | info | samplers` end to end on a tiny model (32x32, 2 steps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from latentdiff.cli import main
+from latentdiff.metadata import read_png_metadata
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["--width", "32", "--height", "32", "--steps", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from latentdiff.testing.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "m", "sd1")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model gains nothing from threads; shared CPUs lose a lot
+    yield
+    torch.set_num_threads(threads)
+
+
+def generate(*args) -> int:
+    return main(["generate", *map(str, args)])
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def folder_state(out: Path) -> dict[str, object]:
+    """Every file of the folder: PNG pixels + metadata record, manifest text."""
+    state = {}
+    for path in sorted(out.iterdir()):
+        if path.suffix == ".png":
+            state[path.name] = (pixels(path).tobytes(), read_png_metadata(path)[1]["seed"])
+        else:
+            state[path.name] = path.read_bytes()
+    return state
+
+
+def test_txt_file_end_to_end(model, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(
+        "# shapes\na red circle --d 5 --n blurry\nbad --q 1\n\ntwo blue squares --l 3\n", encoding="utf-8"
+    )
+    out = tmp_path / "out"
+    rc = generate(prompts, "--model", model, "--out", out, *FAST)
+    err = capsys.readouterr().err
+    assert rc == 1  # a bad line: the others are made, then a non-zero exit
+    assert f"{prompts}:3: error: unknown option --q" in err
+    assert "made 2, skipped 0, failed 0, 1 bad line" in err and "s/image" in err
+
+    rows = manifest(out)
+    assert [r["file"] for r in rows] == ["00002-00-5-a-red-circle.png", "00005-00-1-two-blue-squares.png"]
+    first, second = rows
+    assert first == {
+        "file": "00002-00-5-a-red-circle.png",
+        "prompt": "a red circle",
+        "negative_prompt": "blurry",
+        "seed": 5,
+        "steps": 2,
+        "guidance_scale": 7.5,
+        "sampler": "dpmpp_2m",
+        "karras": False,
+        "width": 32,
+        "height": 32,
+        "model": "m",
+        "model_hash": first["model_hash"],
+        "line": 2,
+        "index": 0,
+    }
+    assert (second["seed"], second["guidance_scale"], second["line"]) == (1, 3.0, 5)  # image k=1: seed 0 + 1
+    parameters, record = read_png_metadata(out / first["file"])
+    assert parameters.startswith("a red circle\nNegative prompt: blurry\nSteps: 2, Sampler: dpmpp_2m")
+    assert record["model_hash"] == first["model_hash"] and len(first["model_hash"]) == 64
+    assert record["seed"] == 5 and record["latentdiff_version"]
+    assert record["model_path"] == str(model.resolve())
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(r["file"] for r in rows), "manifest.jsonl"])
+
+
+def test_cli_image_is_pixel_identical_to_api(model, tmp_path):
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    out = tmp_path / "out"
+    options = ["--seed", "11", "--sampler", "euler", "--model", model, "--out", out, *FAST]
+    assert generate("-p", "a green triangle", *options) == 0
+    (row,) = manifest(out)
+    pipe = LatentDiffusionPipeline.from_pretrained(model)
+    image = pipe("a green triangle", seed=11, sampler="euler", steps=2, width=32, height=32)[0]
+    assert np.array_equal(pixels(out / row["file"]), np.asarray(image))
+
+
+def test_jsonl_csv_images_per_line_batching_and_grid(model, tmp_path, monkeypatch):
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    calls = []
+    real = LatentDiffusionPipeline.__call__
+
+    def spy(self, prompt, **kw):
+        calls.append((len(prompt), kw["width"]))
+        return real(self, prompt, **kw)
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "__call__", spy)
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(
+        '{"prompt": "a", "images": 3, "seed": 100}\n{"prompt": "b", "width": 16}\n'
+        '{"prompt": "c"}\n{"oops": 1}\n'
+    )
+    out = tmp_path / "out"
+    assert generate(jsonl, "--model", model, "--out", out, "--batch-size", "2", "--grid", *FAST) == 1
+    rows = manifest(out)
+    assert [(r["line"], r["index"], r["seed"], r["width"]) for r in rows] == [
+        (1, 0, 100, 32),
+        (1, 1, 101, 32),
+        (1, 2, 102, 32),
+        (2, 0, 3, 16),
+        (3, 0, 4, 32),
+    ]
+    # 32x32 images batched by two in run order (a0 a1 | a2 c), the 16-wide one alone.
+    assert sorted(calls) == [(1, 16), (2, 32), (2, 32)]
+    grid = Image.open(out / "00001-grid-a.png")
+    assert grid.size == (64, 64)  # 3 images: 2 columns x 2 rows
+    assert np.array_equal(np.asarray(grid.convert("RGB"))[:32, 32:], pixels(out / rows[1]["file"]))
+
+    csv = tmp_path / "p.csv"
+    csv.write_text('prompt,seed,steps\n"x, y",7,\nz,,1\n', encoding="utf-8")
+    out2 = tmp_path / "out2"
+    assert generate(csv, "--model", model, "--out", out2, *FAST) == 0
+    assert [(r["prompt"], r["seed"], r["steps"]) for r in manifest(out2)] == [("x, y", 7, 2), ("z", 1, 1)]
+
+
+def test_ctrl_c_then_resume_ends_as_an_uninterrupted_run(model, tmp_path, monkeypatch, capsys):
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\ntwo --d 40\nthree\nfour\n", encoding="utf-8")
+    clean = tmp_path / "clean"
+    assert generate(prompts, "--model", model, "--out", clean, *FAST) == 0
+
+    real = LatentDiffusionPipeline.__call__
+    calls = []
+
+    def interrupting(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the second image is being made
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "__call__", interrupting)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert generate(prompts, "--model", model, "--out", out, *FAST) == 130
+    err = capsys.readouterr().err
+    assert "made 2, skipped 0" in err and "rerun with --resume" in err
+    assert len(calls) == 2  # the image in hand was finished, nothing after it
+    assert [r["line"] for r in manifest(out)] == [1, 2]
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "__call__", real)
+    assert generate(prompts, "--model", model, "--out", out, "--resume", *FAST) == 0
+    assert "made 2, skipped 2" in capsys.readouterr().err
+    assert folder_state(out) == folder_state(clean)
+
+    # Resuming a finished folder makes nothing and changes nothing: no duplicate manifest lines.
+    before = folder_state(out)
+    assert generate(prompts, "--model", model, "--out", out, "--resume", *FAST) == 0
+    assert "made 0, skipped 4" in capsys.readouterr().err
+    assert folder_state(out) == before
+
+
+def test_resume_remakes_missing_files_and_changed_settings(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["-p", "p1", "-p", "p2", "--model", model, "--out", out, *FAST]
+    assert generate(*args) == 0
+    rows = manifest(out)
+    (out / rows[0]["file"]).unlink()
+    with open(out / "manifest.jsonl", "a") as f:
+        f.write('{"file": "torn')  # a line cut short by a crash
+    capsys.readouterr()
+    assert generate(*args, "--resume") == 0
+    assert "made 1, skipped 1" in capsys.readouterr().err
+    assert manifest(out) == rows
+    assert generate(*args, "--resume", "--cfg", "2") == 0  # other settings: same names, images remade
+    assert "made 2, skipped 0" in capsys.readouterr().err
+    assert [r["guidance_scale"] for r in manifest(out)] == [2.0, 2.0]
+
+
+def test_bad_size_line_fails_alone(model, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("fine\nodd size --w 33\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert generate(prompts, "--model", model, "--out", out, *FAST) == 1
+    err = capsys.readouterr().err
+    assert f"{prompts}:2: error: size 33x32 is not possible" in err
+    assert "made 1, skipped 0, failed 1" in err
+    assert [r["line"] for r in manifest(out)] == [1]
+
+
+def test_hostile_prompt_stays_inside_out(model, tmp_path):
+    out = tmp_path / "a" / "out"
+    assert generate("-p", "../../../escape/CON\x00.png", "--model", model, "--out", out, *FAST) == 0
+    (row,) = manifest(out)
+    assert (out / row["file"]).is_file() and row["file"] == "00001-00-0-escape-con-png.png"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(
+        [row["file"], "manifest.jsonl"]
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "{tmp}/nowhere"], "cannot load model: model folder not found: {tmp}/nowhere"),
+        (["{tmp}/missing.txt"], "cannot read prompt file {tmp}/missing.txt"),
+        (["--out", "{tmp}/file"], "cannot write to --out {tmp}/file"),
+        (["--out", "{tmp}/file/sub"], "cannot write to --out {tmp}/file/sub"),
+        (["--sampler", "warp"], "unknown sampler 'warp'; choose from ddim, ddpm"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        ([], "give a prompt file (.txt, .jsonl, .csv) or at least one -p TEXT"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(model, tmp_path, capsys, args, message):
+    (tmp_path / "file").write_text("precious")
+    args = [a.format(tmp=tmp_path) for a in args]
+    if not any(a.endswith(".txt") for a in args) and "give a prompt" not in message:
+        args = ["-p", "x", *args]
+    if "--model" not in args:
+        args += ["--model", str(model)]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    assert generate(*args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("latentdiff generate: error: ") and message.format(tmp=tmp_path) in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "precious"  # nothing lost
+
+
+def test_reproduce_match_and_mismatch(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    options = ["--seed", "3", "--negative", "dull", "--model", model, "--out", out, *FAST]
+    assert generate("-p", "a star", *options) == 0
+    path = out / manifest(out)[0]["file"]
+    capsys.readouterr()
+    assert main(["reproduce", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("match: ")
+
+    from latentdiff.metadata import save_png
+
+    with Image.open(path) as im:
+        im.load()
+        tampered = im.convert("RGB")
+        tampered.info = dict(im.info)
+    tampered.putpixel((0, 0), tuple((v + 50) % 256 for v in tampered.getpixel((0, 0))))
+    save_png(tampered, tmp_path / "tampered.png")
+    assert main(["reproduce", str(tmp_path / "tampered.png")]) == 1
+    assert capsys.readouterr().out.startswith("mismatch: 3 of 3072 pixel values differ")
+
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    assert main(["reproduce", str(plain)]) == 2
+    assert "has no latentdiff metadata" in capsys.readouterr().err
+
+
+def test_info_and_samplers(model, tmp_path, capsys):
+    assert main(["info", str(model)]) == 0
+    text = capsys.readouterr().out
+    for word in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "UNet2DConditionModel", "defaults"):
+        assert word in text
+    assert "792,964" in text  # the tiny U-Net's parameters, counted from the safetensors header
+    assert "steps" in text and "height          16" in text
+    assert main(["info", str(tmp_path / "nope")]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    assert main(["samplers"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m"]
+
+
+def test_accelerate_two_processes_write_what_one_process_writes(model, tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("accelerate not installed")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\ntwo\nthree --d 9\nfour\nfive\n", encoding="utf-8")
+    one = tmp_path / "one"
+    assert generate(prompts, "--model", model, "--out", one, "--batch-size", "2", *FAST) == 0
+    two = tmp_path / "two"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "latentdiff", "generate"]
+    command += [str(prompts), "--model", str(model), "--out", str(two), "--batch-size", "2", *FAST]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[rank 0/2] made 3" in done.stderr and "[rank 1/2] made 2" in done.stderr  # batches 0, 2 | 1
+    assert folder_state(two) == folder_state(one)

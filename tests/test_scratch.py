@@ -1,0 +1,147 @@
+"""A fresh model folder from a recipe (latentdiff.training.scratch)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from latentdiff.training.scratch import RecipeError, init_model_folder, main
+
+CAPTIONS = ["a red circle", "two blue squares", "a green star above a yellow triangle"] * 10
+
+
+def tiny_recipe():
+    return {
+        "name": "tiny-scratch",
+        "seed": 3,
+        "resolution": 32,
+        "tokenizer": {"vocab_size": 600, "model_max_length": 12, "min_frequency": 1},
+        "text_encoder": {
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "projection_dim": 16,
+        },
+        "vae": {
+            "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2,
+            "block_out_channels": [8, 8],
+            "norm_num_groups": 4,
+            "latent_channels": 4,
+        },
+        "unet": {
+            "block_out_channels": [8, 16],
+            "layers_per_block": 1,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "attention_head_dim": 2,
+            "norm_num_groups": 4,
+        },
+        "scheduler": {
+            "num_train_timesteps": 1000,
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "prediction_type": "epsilon",
+            "steps_offset": 1,
+        },
+        "defaults": {"sampler": "euler", "steps": 3, "guidance_scale": 4.0, "height": 32, "width": 32},
+    }
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return init_model_folder(tiny_recipe(), CAPTIONS, None, tmp_path_factory.mktemp("m") / "init")
+
+
+def test_folder_loads_and_generates_with_stored_defaults(folder):
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    assert pipe.model_name == "tiny-scratch"
+    assert pipe.defaults["sampler"] == "euler" and pipe.defaults["steps"] == 3
+    assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
+    assert pipe.text_encoder.config.max_position_embeddings == pipe.tokenizer.model_max_length == 12
+    assert pipe.text_encoder.config.eos_token_id == pipe.tokenizer.eos_token_id
+    assert pipe.unet.config.cross_attention_dim == 16 and pipe.unet.config.sample_size == 16
+    (image,) = pipe("a red circle", seed=0, progress=False)
+    assert image.size == (32, 32)
+
+
+def test_same_recipe_same_weights_and_global_rng_untouched(folder, tmp_path):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    again = init_model_folder(tiny_recipe(), CAPTIONS, None, tmp_path / "again")
+    assert torch.equal(torch.get_rng_state(), before)
+    for part, name in [("unet", "diffusion_pytorch_model"), ("text_encoder", "model")]:
+        a, b = (
+            load_file(folder / part / f"{name}.safetensors"),
+            load_file(again / part / f"{name}.safetensors"),
+        )
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_diffusers_loads_the_folder_and_agrees(folder):
+    from diffusers import UNet2DConditionModel
+
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    ours = LatentDiffusionPipeline.from_pretrained(folder)
+    theirs = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 12, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours.unet(x, torch.tensor([10, 500]), ctx), theirs(x, torch.tensor([10, 500]), ctx).sample
+        )
+
+
+@pytest.mark.slow
+def test_stable_diffusion_pipeline_loads_the_folder(folder):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    out = pipe("a red circle", num_inference_steps=2, output_type="np", height=32, width=32)
+    assert out.images.shape == (1, 32, 32, 3)
+
+
+def test_trained_vae_is_taken_as_is(tmp_path):
+    from latentdiff.training.vae_train import save_vae
+    from latentdiff.vae import VAE, VAEConfig
+
+    torch.manual_seed(7)
+    vae = VAE(VAEConfig.from_dict(tiny_recipe()["vae"]))
+    vae.config.scaling_factor = 0.5
+    save_vae(vae, tmp_path / "run" / "vae")
+    out = init_model_folder(
+        tiny_recipe(), CAPTIONS, tmp_path / "run", tmp_path / "m"
+    )  # a folder holding vae/
+    assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == 0.5
+    saved = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in vae.state_dict().items())
+
+
+def test_inconsistent_recipe_is_refused(tmp_path):
+    recipe = tiny_recipe()
+    recipe["unet"]["cross_attention_dim"] = 32
+    with pytest.raises(
+        RecipeError, match="cross_attention_dim .32. must equal text_encoder hidden_size .16."
+    ):
+        init_model_folder(recipe, CAPTIONS, None, tmp_path / "m")
+    del recipe["defaults"]
+    with pytest.raises(RecipeError, match="missing \\['defaults'\\]"):
+        init_model_folder(recipe, CAPTIONS, None, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli(tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(tiny_recipe()))
+    assert main(["--recipe", str(recipe), "--out", str(tmp_path / "m"), "--num-captions", "50"]) == 0
+    assert (tmp_path / "m" / "model_index.json").is_file()
+    assert (
+        main(["--recipe", str(recipe), "--vae", str(tmp_path / "nothing"), "--out", str(tmp_path / "n")]) == 1
+    )
+    assert "no trained VAE" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()

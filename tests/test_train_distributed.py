@@ -1,0 +1,68 @@
+"""Data-parallel training through `accelerate launch --cpu --num_processes 2` (gloo), and resuming its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: list[str], processes: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    accelerate = Path(sys.executable).parent / "accelerate"
+    command = [str(accelerate), "launch", "--cpu", "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               str(ROOT / "training" / "train.py"), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
+                    reason="accelerate CLI not installed")
+def test_two_process_cpu_run_completes_and_its_checkpoint_resumes(tmp_path):
+    from latentdiff.pipeline import LatentDiffusionPipeline
+    from latentdiff.testing.tiny import save_tiny_pipeline
+
+    model = save_tiny_pipeline(tmp_path / "model", "sd1")
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):  # odd count: the two processes wrap into the next epoch at different points
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"image {i}")
+    out = tmp_path / "out"
+    common = ["--model", str(model), "--data", str(data), "--output-dir", str(out), "--batch-size", "2",
+              "--checkpoint-every", "2", "--seed", "0", "--resolution", "16", "--learning-rate", "1e-3",
+              "--ema", "0.9"]
+
+    first = _launch([*common, "--max-steps", "2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (out / "checkpoint-2" / "COMPLETE").is_file()
+    assert {p.name for p in (out / "checkpoint-2").glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
+    state = json.loads((out / "checkpoint-2" / "state.json").read_text())
+    assert state["num_processes"] == 2 and state["micro_batches"] == 2
+
+    second = _launch([*common, "--max-steps", "4", "--resume", "latest"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+    state = json.loads((out / "checkpoint-4" / "state.json").read_text())
+    assert state["step"] == 4 and len(state["losses"]) == 4
+
+    pipe = LatentDiffusionPipeline.from_pretrained(out / "final")
+    assert pipe(["image 1"], seed=0, steps=2, height=16, width=16, progress=False)[0].size == (16, 16)

@@ -1,0 +1,288 @@
+"""Training runs on a tiny model: loss falls, exact resume, checkpoints, NaN handling, LoRA/EMA export, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from latentdiff.training import checkpoint as ckpt
+from latentdiff.training.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from latentdiff.testing.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "model", "sd1")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+    return folder
+
+
+def run(model_dir, data_dir, out, *extra, steps=3, batch=2, every=0):
+    argv = ["--model", str(model_dir), "--data", str(data_dir), "--output-dir", str(out), "--max-steps", str(steps),
+            "--batch-size", str(batch), "--checkpoint-every", str(every), "--seed", "0", "--resolution", "16",
+            "--learning-rate", "1e-3", "--report-to", "none", *map(str, extra)]
+    return main(argv)
+
+
+def unet_weights(folder):
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# ---- learning --------------------------------------------------------------------------------------------
+def test_loss_falls_on_a_fixed_batch(model_dir):
+    """Same images, captions, noise and timesteps every step: the U-Net must fit them."""
+    from latentdiff.schedules import alphas_cumprod
+    from latentdiff.training.losses import diffusion_loss
+    from latentdiff.training.models import load_models
+
+    torch.manual_seed(0)
+    models = load_models(model_dir, "cpu")
+    pipe = models.pipe
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).mean * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer(["a red circle", "a blue square"], padding="max_length", return_tensors="pt").input_ids
+        context = pipe.text_encoder(ids)[0]
+    alphas = alphas_cumprod(pipe.scheduler_config)
+    opt = torch.optim.AdamW(models.trainable_parameters("unet"), lr=1e-3)
+    history = []
+    for _ in range(40):
+        loss = diffusion_loss(pipe.unet, latents, context, alphas, "epsilon", torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    assert history[-1] < 0.3 * history[0], history
+
+
+def test_run_writes_final_model_that_loads_and_generates(model_dir, data_dir, tmp_path, capsys):
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    out = tmp_path / "out"
+    args = ["--validate-every", 2, "--validation-prompts", "a red circle", "a blue square", "--validation-steps", 2]
+    assert run(model_dir, data_dir, out, *args, "--report-to", "tensorboard", steps=12) == 0
+    assert "model in" in capsys.readouterr().out
+    losses = [float(line.split(",")[1]) for line in (out / "losses.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 12 and sum(losses[-4:]) < sum(losses[:4])  # loss falls on the (small) data set
+    assert (out / "loss_curve.png").is_file()
+    grid = Image.open(out / "validation" / "step-000002.png")
+    assert grid.size == (32, 16)
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    pipe = LatentDiffusionPipeline.from_pretrained(out / "final")
+    images = pipe(["a red circle"], seed=0, steps=2, height=16, width=16, progress=False)
+    assert images[0].size == (16, 16)
+    assert max_diff(unet_weights(out / "final"), unet_weights(model_dir)) > 0  # it did train
+
+
+# ---- exact resume ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--ema", "0.9", "--train-text-encoder", "--grad-accum", "2", "--lr-warmup-steps", "2", "--snr-gamma", "5"],
+        ["--lora-rank", "4", "--noise-offset", "0.05"],
+    ],
+    ids=["full-ema-text-accum", "lora"],
+)
+def test_three_steps_then_resume_to_six_equals_six_straight(model_dir, data_dir, tmp_path, extra):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run(model_dir, data_dir, straight, *extra, steps=6, every=3) == 0
+    assert run(model_dir, data_dir, split, *extra, steps=3, every=3) == 0
+    assert run(model_dir, data_dir, split, *extra, "--resume", "latest", steps=6, every=3) == 0
+    a, b = unet_weights(straight / "final"), unet_weights(split / "final")
+    assert max_diff(a, b) <= 1e-6
+    if "--train-text-encoder" in extra:
+        te = [load_file(str(d / "final" / "text_encoder" / "model.safetensors")) for d in (straight, split)]
+        assert max_diff(*te) <= 1e-6
+    state = json.loads((split / "checkpoint-6" / "state.json").read_text())
+    assert state["step"] == 6 and len(state["losses"]) == 6
+    if "--lora-rank" not in extra:  # control: a different seed (data order, noise) is far from 1e-6
+        other = tmp_path / "other"
+        assert run(model_dir, data_dir, other, *extra, "--seed", "1", steps=6) == 0
+        assert max_diff(a, unet_weights(other / "final")) > 1e-4
+
+
+def test_final_holds_the_ema_weights(model_dir, data_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run(model_dir, data_dir, out, "--ema", "0.5", steps=2, every=2) == 0
+    shadow = load_file(str(out / "checkpoint-2" / "ema.safetensors"))
+    trained = load_file(str(out / "checkpoint-2" / "trainable.safetensors"))
+    final = unet_weights(out / "final")
+    ema = {k.removeprefix("unet."): v for k, v in shadow.items()}
+    assert max_diff(final, ema) == 0
+    assert max_diff(final, {k.removeprefix("unet."): v for k, v in trained.items()}) > 0
+
+
+def test_lora_export_is_a_plain_model(model_dir, data_dir, tmp_path):
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    out = tmp_path / "out"
+    assert run(model_dir, data_dir, out, "--lora-rank", "2", "--learning-rate", "1e-2", steps=3, every=3) == 0
+    base, final = unet_weights(model_dir), unet_weights(out / "final")
+    assert final.keys() == base.keys()  # merged: no lora_A / lora_B keys
+    changed = {k for k in base if not torch.equal(base[k], final[k])}
+    assert changed and all(k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "0") for k in changed)
+    saved = load_file(str(out / "checkpoint-3" / "trainable.safetensors"))
+    assert saved and all("lora_" in k for k in saved)  # checkpoints hold only the adapters
+    pipe = LatentDiffusionPipeline.from_pretrained(out / "final")
+    assert pipe(["x"], seed=1, steps=2, height=16, width=16, progress=False)[0].size == (16, 16)
+
+
+def test_cache_latents_run(model_dir, data_dir, tmp_path):
+    assert run(model_dir, data_dir, tmp_path / "out", "--cache-latents", steps=2) == 0
+    assert run(model_dir, data_dir, tmp_path / "o2", "--cache-latents", "--flip", steps=2) == 1
+
+
+def test_cache_latents_encodes_each_image_once(model_dir, data_dir):
+    from accelerate import Accelerator
+
+    from latentdiff.training.data import CaptionedImages, find_examples
+    from latentdiff.training.loop import cache_latents
+    from latentdiff.training.models import load_models
+
+    vae = load_models(model_dir, "cpu").vae
+    seen = []
+    original = vae.encode
+    vae.encode = lambda x: seen.append(len(x)) or original(x)
+    dataset = CaptionedImages(find_examples(data_dir).examples, 16)
+    cached = cache_latents(dataset, vae, Accelerator(cpu=True), 4, lambda *_: None)
+    assert sum(seen) == len(dataset) == len(cached.posteriors)
+    assert set(cached[(3, 1)]) == {"index", "caption", "mean", "std"}
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+def test_checkpoints_are_atomic_and_pruned(model_dir, data_dir, tmp_path):
+    out = tmp_path / "out"
+    (out / ".checkpoint-1.tmp").mkdir(parents=True)  # left by a killed run
+    (out / "checkpoint-9").mkdir()  # incomplete: no marker
+    assert run(model_dir, data_dir, out, "--keep-checkpoints", "2", steps=5, every=1) == 0
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [4, 5]
+    assert not (out / ".checkpoint-1.tmp").exists()
+    assert not list(out.glob(".checkpoint-*"))
+    assert ckpt.resolve_resume("latest", out) == out / "checkpoint-5"
+    assert ckpt.resolve_resume(str(out), out) == out / "checkpoint-5"
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
+        ckpt.resolve_resume(str(out / "checkpoint-9"), out)
+
+
+def test_resume_errors_and_fresh_start(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(model_dir, data_dir, out, "--resume", str(tmp_path / "missing"), steps=1) == 1
+    err = capsys.readouterr().err
+    assert "no such checkpoint folder" in err and "Traceback" not in err
+    assert run(model_dir, data_dir, out, "--resume", "latest", steps=1) == 0
+    assert "no checkpoint in" in capsys.readouterr().out  # ... starting fresh
+    assert run(model_dir, data_dir, out, "--resume", "latest", steps=1, every=1) == 0
+    assert run(model_dir, data_dir, out, "--lora-rank", "2", "--resume", "latest", steps=2) == 1
+    assert "does not match" in capsys.readouterr().err
+
+
+def test_nothing_non_finite_is_ever_saved():
+    with pytest.raises(ckpt.TrainingError, match="non-finite"):
+        ckpt.assert_finite({"w": torch.tensor([1.0, math.nan])}, "checkpoint-1")
+
+
+# ---- NaN / inf -------------------------------------------------------------------------------------------
+def _nan_at(monkeypatch, bad_calls):
+    from latentdiff.training import losses
+
+    real, calls = losses.diffusion_loss, []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        value = real(*args, **kwargs)
+        return value * math.nan if len(calls) in bad_calls else value
+
+    monkeypatch.setattr(losses, "diffusion_loss", loss)
+
+
+def test_a_nan_step_is_skipped_and_counted(model_dir, data_dir, tmp_path, monkeypatch, capsys):
+    _nan_at(monkeypatch, {2})
+    out = tmp_path / "out"
+    assert run(model_dir, data_dir, out, steps=4, every=2) == 0
+    captured = capsys.readouterr()
+    assert "step 2: non-finite loss" in captured.out and "1 non-finite steps skipped" in captured.out
+    state = json.loads((out / "checkpoint-4" / "state.json").read_text())
+    assert state["nan_skipped"] == 1 and state["skipped_steps"] == [2]
+    for name in ("trainable.safetensors",):
+        assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint-2" / name)).values())
+
+
+def test_nan_steps_in_a_row_stop_the_run(model_dir, data_dir, tmp_path, monkeypatch, capsys):
+    _nan_at(monkeypatch, set(range(2, 100)))
+    out = tmp_path / "out"
+    assert run(model_dir, data_dir, out, "--max-nan-steps", 3, steps=10, every=1) == 1
+    err = capsys.readouterr().err
+    assert "3 steps in a row had a NaN/inf loss" in err and "Traceback" not in err
+    assert not (out / "final").exists()
+    for _, path in ckpt.complete_checkpoints(out):
+        assert all(torch.isfinite(t).all() for t in load_file(str(path / "trainable.safetensors")).values())
+
+
+# ---- user errors -----------------------------------------------------------------------------------------
+def test_bad_files_give_one_warning_and_the_run_goes_on(model_dir, data_dir, tmp_path, recwarn):
+    import shutil
+
+    from latentdiff.training.loop import BadFilesWarning
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "empty.png").write_bytes(b"")
+    (data / "text.jpg").write_text("not an image")
+    Image.new("RGB", (30, 30)).save(data / "big.png")  # 900 pixels, over the limit below
+    assert run(model_dir, data, tmp_path / "out", "--max-image-pixels", "500", "--missing-captions", "empty",
+               steps=1) == 0
+    ours = [w for w in recwarn if issubclass(w.category, BadFilesWarning)]
+    assert len(ours) == 1
+    message = str(ours[0].message)
+    assert all(name in message for name in ("empty.png", "text.jpg", "big.png"))
+    assert "0.png" not in message
+    assert "empty.png" in (tmp_path / "out" / "skipped-files.txt").read_text()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "uncaptioned"])
+def test_data_errors_exit_non_zero_without_traceback(model_dir, tmp_path, capsys, case):
+    data = tmp_path / "data"
+    if case != "missing":
+        data.mkdir()
+    if case == "uncaptioned":
+        Image.new("RGB", (8, 8)).save(data / "a.png")
+    assert run(model_dir, data, tmp_path / "out", steps=1) == 1
+    err = capsys.readouterr().err
+    expected = {"missing": "data folder not found", "empty": "no images found", "uncaptioned": "no caption: a.png"}
+    assert expected[case] in err and "Traceback" not in err
+
+
+def test_bad_resolution_and_model_are_errors(model_dir, data_dir, tmp_path, capsys):
+    assert run(model_dir, data_dir, tmp_path / "o", "--resolution", "17", steps=1) == 1
+    assert "use a multiple of" in capsys.readouterr().err
+    assert run(tmp_path / "nomodel", data_dir, tmp_path / "o", steps=1) == 1
+    assert "cannot load --model" in capsys.readouterr().err

@@ -1,0 +1,150 @@
+"""latentdiff's U-Net against diffusers' UNet2DConditionModel on identical (jittered) random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from latentdiff.config import UnsupportedConfigError
+from latentdiff.testing.tiny import SD1_UNET, SD2_UNET, _jitter
+from latentdiff.unet import UNet, UNetConfig
+
+TOL = 1e-4
+
+# name -> (diffusers kwargs, overrides for our config on top of them, sample height/width)
+CASES = {
+    "sd1": (SD1_UNET, {}, (8, 8)),
+    "sd2": (SD2_UNET, {}, (8, 8)),
+    # diffusers refuses num_attention_heads; its attention_head_dim means the same thing (head counts)
+    "explicit_heads": ({**SD1_UNET, "attention_head_dim": (2, 4)}, {"num_attention_heads": (2, 4)}, (8, 8)),
+    "two_transformer_layers": ({**SD1_UNET, "transformer_layers_per_block": (2, 1)}, {}, (8, 8)),
+    "three_levels_non_square": (
+        {
+            **SD2_UNET,
+            "layers_per_block": 1,
+            "cross_attention_dim": 24,
+            "resnet_time_scale_shift": "scale_shift",
+        },
+        {},
+        (8, 16),
+    ),
+    "odd_size": (SD2_UNET, {}, (6, 10)),  # 6 -> 3 -> 2 and back: upsampling to the skip's size
+}
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def build_pair(name: str):
+    kwargs, overrides, size = CASES[name]
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(**kwargs).eval()
+    _jitter(ref, 0)
+    ours = UNet(UNetConfig.from_dict({**dict(ref.config), **overrides})).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours, size
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request):
+    return build_pair(request.param)
+
+
+def inputs(ref, size, batch=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ctx_dim = ref.config.cross_attention_dim
+    x = torch.randn(batch, ref.config.in_channels, *size, generator=gen)
+    return x, torch.randn(batch, 5, ctx_dim, generator=gen)
+
+
+def test_matches_diffusers_per_sample_timesteps(pair):
+    ref, ours, size = pair
+    x, ctx = inputs(ref, size)
+    t = torch.tensor([3, 871])
+    with torch.no_grad():
+        expected = ref(x, t, ctx).sample
+        got = ours(x, t, ctx)
+    assert got.shape == expected.shape == x.shape
+    assert relative_error(got, expected) <= TOL
+
+
+@pytest.mark.parametrize("timestep", [500, 250.5, torch.tensor(42), torch.tensor([7])])
+def test_matches_diffusers_scalar_timestep(timestep):
+    ref, ours, size = build_pair("sd1")
+    x, ctx = inputs(ref, size)
+    with torch.no_grad():
+        assert relative_error(ours(x, timestep, ctx), ref(x, timestep, ctx).sample) <= TOL
+
+
+def test_sd1_attention_head_dim_means_number_of_heads():
+    config = UNetConfig.from_dict(SD1_UNET)
+    assert config.heads == (8, 8)
+    attn = UNet(config).down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert (attn.heads, attn.head_dim) == (8, 32 // 8)
+
+
+def test_num_attention_heads_overrides_attention_head_dim():
+    config = UNetConfig.from_dict({**SD2_UNET, "num_attention_heads": (1, 2, 4)})
+    assert config.heads == (1, 2, 4)
+    d = config.to_dict()  # written the way diffusers accepts it
+    assert d["attention_head_dim"] == [1, 2, 4] and d["num_attention_heads"] is None
+
+
+def test_batch_invariance():
+    ref, ours, size = build_pair("sd2")
+    x, ctx = inputs(ref, size, batch=3)
+    t = torch.tensor([1, 500, 999])
+    with torch.no_grad():
+        whole = ours(x, t, ctx)
+        one = ours(x[1:2], t[1:2], ctx[1:2])
+    torch.testing.assert_close(whole[1:2], one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "explicit_heads"])
+def test_config_round_trip_through_diffusers(name):
+    _, ours, _ = build_pair(name)
+    rebuilt = UNet2DConditionModel.from_config(ours.config.to_dict())
+    ours_shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == ours_shapes
+    assert UNetConfig.from_dict(dict(rebuilt.config)).heads == ours.config.heads
+
+
+def test_diffusers_config_json_dict_is_accepted():
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(**SD2_UNET)
+    d = {**dict(ref.config), "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.0"}
+    config = UNetConfig.from_dict(d)
+    assert config.use_linear_projection and config.block_out_channels == (32, 64, 64)
+
+
+@pytest.mark.parametrize(
+    "key, value", [("class_embed_type", "timestep"), ("addition_embed_type", "text_time"), ("foo_bar", 1)]
+)
+def test_unsupported_key_is_refused_by_name(key, value):
+    with pytest.raises(UnsupportedConfigError, match=key):
+        UNetConfig.from_dict({**SD1_UNET, key: value})
+
+
+def test_unsupported_block_type_is_refused_by_name():
+    with pytest.raises(UnsupportedConfigError, match="down_block_types"):
+        UNetConfig.from_dict({**SD1_UNET, "down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]})
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    _, ours, size = build_pair("sd1")
+    ours.train()
+    gen = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 4, *size, generator=gen), torch.randn(2, 5, 32, generator=gen)
+
+    def grads():
+        ours.zero_grad()
+        ours(x, torch.tensor([10, 20]), ctx).square().mean().backward()
+        return [p.grad.clone() for p in ours.parameters()]
+
+    plain = grads()
+    ours.enable_gradient_checkpointing()
+    assert ours.mid_block.resnets[0].gradient_checkpointing
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,123 @@
+"""Training the autoencoder from scratch (latentdiff.training.vae_train, training/train_vae.py)."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from latentdiff.training.vae_train import edge_l1, latent_scaling_factor, main, vae_loss
+from latentdiff.vae import VAE, VAEConfig
+
+TINY = {
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "block_out_channels": [8, 8],
+    "norm_num_groups": 4,
+    "latent_channels": 4,
+    "mid_block_add_attention": False,
+}
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "vae.json"
+    path.write_text(json.dumps({"name": "recipe", "vae": TINY}))  # a recipe with a "vae" section
+    return path
+
+
+def run(config_file, out, *extra):
+    args = ["--config", str(config_file), "--output-dir", str(out), "--resolution", "16", "--batch-size", "2"]
+    args += ["--scale-samples", "4", "--shapes-count", "64", "--lr-warmup-steps", "1", *extra]
+    return main(args)
+
+
+def test_edge_loss_punishes_blur_more_than_pixel_loss():
+    sharp = torch.zeros(1, 3, 16, 16)
+    sharp[..., :, 8:] = 1.0
+    blurred = sharp.clone()
+    blurred[..., :, 7], blurred[..., :, 8] = 0.25, 0.75  # the step spread over two pixels
+    assert edge_l1(sharp, sharp) == 0
+    pixel = (blurred - sharp).abs().mean()
+    assert edge_l1(blurred, sharp) > pixel  # every pixel of the ramp and the step pays
+
+
+def test_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig.from_dict(TINY))
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        recon, post = vae(x, sample_posterior=True, generator=torch.Generator().manual_seed(0))
+        loss, parts = vae_loss(recon, x, post, kl_weight=1e-6, edge_weight=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert set(parts) == {"rec", "edge", "kl"}
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_scaling_factor_gives_unit_variance_latents():
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig.from_dict(TINY)).eval()
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    s = latent_scaling_factor(vae, x, batch_size=3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = vae.encode(x).sample(torch.Generator().manual_seed(1))
+    assert (z * s).std().item() == pytest.approx(1.0, rel=0.1)
+
+
+def test_run_writes_a_vae_that_latentdiff_and_diffusers_load(config_file, tmp_path, capsys):
+    from diffusers import AutoencoderKL
+
+    from latentdiff.training.scratch import load_vae
+
+    out = tmp_path / "run"
+    assert run(config_file, out, "--max-steps", "2", "--validate-every", "2") == 0
+    assert "scaling_factor" in capsys.readouterr().out
+    config = json.loads((out / "vae" / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderKL" and config["sample_size"] == 16
+    assert config["scaling_factor"] != VAEConfig().scaling_factor and config["scaling_factor"] > 0
+    for name in ("loss_curve.png", "losses.csv", "reconstructions.png", "validation/recon-000002.png"):
+        assert (out / name).is_file(), name
+    ours, theirs = load_vae(out), AutoencoderKL.from_pretrained(out / "vae").eval()
+    assert theirs.config.scaling_factor == pytest.approx(config["scaling_factor"])
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], theirs(x).sample)
+
+
+def test_resume_continues_exactly(config_file, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    constant = ("--lr-scheduler", "constant")  # cosine would decay to 0 at each leg's own --max-steps
+    assert run(config_file, straight, "--max-steps", "6", *constant) == 0
+    assert run(config_file, split, "--max-steps", "3", "--checkpoint-every", "3", *constant) == 0
+    assert (split / "checkpoint-3" / "COMPLETE").is_file()
+    assert run(config_file, split, "--max-steps", "6", "--resume", "latest", *constant) == 0
+    a = load_file(straight / "vae" / "diffusion_pytorch_model.safetensors")
+    b = load_file(split / "vae" / "diffusion_pytorch_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    losses = [line.split(",")[1] for line in (split / "losses.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 6
+
+
+def test_image_folder_without_captions(config_file, tmp_path):
+    data = tmp_path / "images"
+    data.mkdir()
+    for i, color in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (20, 24), color).save(data / f"{i}.png")
+    (data / "broken.png").write_bytes(b"not a png")
+    assert run(config_file, tmp_path / "out", "--data", str(data), "--max-steps", "1") == 0
+    assert (tmp_path / "out" / "vae" / "config.json").is_file()
+
+
+def test_user_errors(config_file, tmp_path, capsys):
+    assert run(config_file, tmp_path / "a", "--max-steps", "1", "--resume", str(tmp_path / "nope")) == 1
+    assert "no such checkpoint folder" in capsys.readouterr().err
+    assert run(config_file, tmp_path / "b", "--data", str(tmp_path / "missing"), "--max-steps", "1") == 1
+    assert "data folder not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(config_file, tmp_path / "c", "--max-steps", "0")

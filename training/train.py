@@ -1,0 +1,10 @@
+"""Train or fine-tune a latentdiff model: `python training/train.py --help`; `accelerate launch` for many."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's latentdiff, installed or not
+
+from latentdiff.training.cli import main  # noqa: E402
+
+raise SystemExit(main())
