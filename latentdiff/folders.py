@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from latentdiff.config import read_json, write_json
+from latentdiff.config import read_json
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -99,7 +99,9 @@ def load_weights(
         )
 
 
-def _fit_prefix(state: dict[str, torch.Tensor], module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+def _fit_prefix(
+    state: dict[str, torch.Tensor], module: torch.nn.Module, prefix: str
+) -> dict[str, torch.Tensor]:
     module_has = any(k.startswith(prefix) for k in module.state_dict())
     file_has = any(k.startswith(prefix) for k in state)
     if module_has and not file_has:

@@ -82,7 +82,9 @@ class LatentDiffusionPipeline:
 
     # ---- folders -----------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None) -> LatentDiffusionPipeline:
+    def from_pretrained(
+        cls, path: str | Path | None = None, device=None, dtype=None
+    ) -> LatentDiffusionPipeline:
         """Load a diffusers-layout folder (SD 1.x/2.x style, fp32 or fp16 safetensors); None: the bundled model."""
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -209,7 +211,12 @@ class LatentDiffusionPipeline:
             context = torch.cat([self.encode(image_negatives, clip_skip), context])
 
         # 3. Initial noise per image from its own CPU generator: independent of batch size and device.
-        shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (
+            1,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         x = torch.cat([torch.randn(shape, generator=g) for g in generators])
         x = (x * schedule.init_noise_sigma).to(self.device, self.dtype)
@@ -306,4 +313,6 @@ def _seeds(seed, count: int) -> list[int]:
 
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:
     # transformers writes bookkeeping keys into config.json that its config class does not take.
-    return {k: v for k, v in config.items() if k not in ("architectures", "transformers_version", "_name_or_path")}
+    return {
+        k: v for k, v in config.items() if k not in ("architectures", "transformers_version", "_name_or_path")
+    }

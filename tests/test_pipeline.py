@@ -72,12 +72,26 @@ def test_images_match_diffusers(style, sampler, karras, request):
     prompts = ["a red circle", "two blue squares on a gray background"]
     pipe = LatentDiffusionPipeline.from_pretrained(folder)
     ours = pipe(
-        prompts, negative_prompt="blurry", height=SIZE, width=SIZE, steps=4, guidance_scale=5.0,
-        sampler=sampler, karras=karras, seed=[11, 12], progress=False,
+        prompts,
+        negative_prompt="blurry",
+        height=SIZE,
+        width=SIZE,
+        steps=4,
+        guidance_scale=5.0,
+        sampler=sampler,
+        karras=karras,
+        seed=[11, 12],
+        progress=False,
     )
     theirs = diffusers_images(
-        folder, prompts, [11, 12], sampler, karras, negative_prompt=["blurry"] * 2,
-        num_inference_steps=4, guidance_scale=5.0,
+        folder,
+        prompts,
+        [11, 12],
+        sampler,
+        karras,
+        negative_prompt=["blurry"] * 2,
+        num_inference_steps=4,
+        guidance_scale=5.0,
     )
     diff = np.abs(pixels(ours) - pixels(theirs)).max()
     assert diff <= 3, f"max pixel difference {diff}/255"
@@ -90,7 +104,9 @@ def test_no_guidance_matches_diffusers_and_runs_conditional_half_only(sd1):
     ours = pipe("a red circle", height=SIZE, width=SIZE, steps=3, guidance_scale=1.0, seed=5, progress=False)
     hook.remove()
     assert set(batch_sizes) == {1}
-    theirs = diffusers_images(sd1, ["a red circle"], [5], "dpmpp_2m", num_inference_steps=3, guidance_scale=1.0)
+    theirs = diffusers_images(
+        sd1, ["a red circle"], [5], "dpmpp_2m", num_inference_steps=3, guidance_scale=1.0
+    )
     assert np.abs(pixels(ours) - pixels(theirs)).max() <= 3
 
 
@@ -98,7 +114,9 @@ def test_image_in_batch_equals_image_alone_and_is_repeatable(sd1):
     pipe = LatentDiffusionPipeline.from_pretrained(sd1)
     common = dict(height=SIZE, width=SIZE, steps=3, sampler="euler_a", progress=False)
     batch = pipe(["a red circle", "a blue star"], seed=100, num_images_per_prompt=2, **common)
-    assert [im.info["parameters"].splitlines()[0] for im in batch] == ["a red circle"] * 2 + ["a blue star"] * 2
+    assert [im.info["parameters"].splitlines()[0] for im in batch] == ["a red circle"] * 2 + [
+        "a blue star"
+    ] * 2
     alone = pipe("a blue star", seed=103, **common)  # image k = 3 of the batch used seed 100 + 3
     assert np.array_equal(pixels(batch[3:]), pixels(alone))
     again = pipe(["a red circle", "a blue star"], seed=100, num_images_per_prompt=2, **common)
@@ -108,12 +126,23 @@ def test_image_in_batch_equals_image_alone_and_is_repeatable(sd1):
 
 def test_parameters_text_in_a1111_format(sd1):
     pipe = LatentDiffusionPipeline.from_pretrained(sd1)
-    (image,) = pipe("a red circle", negative_prompt="ugly", height=SIZE, width=SIZE, steps=2, seed=1234,
-                    guidance_scale=7.5, sampler="dpmpp_2m", progress=False)
+    (image,) = pipe(
+        "a red circle",
+        negative_prompt="ugly",
+        height=SIZE,
+        width=SIZE,
+        steps=2,
+        seed=1234,
+        guidance_scale=7.5,
+        sampler="dpmpp_2m",
+        progress=False,
+    )
     lines = image.info["parameters"].splitlines()
     assert lines[0] == "a red circle"
     assert lines[1] == "Negative prompt: ugly"
-    assert lines[2].startswith(f"Steps: 2, Sampler: dpmpp_2m, CFG scale: 7.5, Seed: 1234, Size: {SIZE}x{SIZE}, Model: ")
+    assert lines[2].startswith(
+        f"Steps: 2, Sampler: dpmpp_2m, CFG scale: 7.5, Seed: 1234, Size: {SIZE}x{SIZE}, Model: "
+    )
     record = json.loads(image.info["latentdiff"])
     assert record["seed"] == 1234 and record["model_hash"]
 
@@ -131,12 +160,16 @@ def test_save_load_round_trip_and_diffusers_reads_our_folder(sd2, tmp_path, dtyp
     pipe = LatentDiffusionPipeline.from_pretrained(sd2)
     if dtype is not None:  # fp16 files: compare against the same weights rounded to fp16
         pipe = LatentDiffusionPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "half", dtype=dtype))
-    common = dict(height=SIZE, width=SIZE, steps=3, guidance_scale=4.0, sampler="euler", seed=[7], progress=False)
+    common = dict(
+        height=SIZE, width=SIZE, steps=3, guidance_scale=4.0, sampler="euler", seed=[7], progress=False
+    )
     before = pipe("a green triangle", **common)
     saved = pipe.save_pretrained(tmp_path / "saved", dtype=dtype)
     after = LatentDiffusionPipeline.from_pretrained(saved)("a green triangle", **common)
     assert np.array_equal(pixels(before), pixels(after))
-    theirs = diffusers_images(saved, ["a green triangle"], [7], "euler", num_inference_steps=3, guidance_scale=4.0)
+    theirs = diffusers_images(
+        saved, ["a green triangle"], [7], "euler", num_inference_steps=3, guidance_scale=4.0
+    )
     assert np.abs(pixels(before) - pixels(theirs)).max() <= 3
 
 
@@ -154,8 +187,13 @@ def test_reads_diffusers_fp16_variant_folder(tmp_path):
     import diffusers
 
     dpipe.scheduler = diffusers.DDIMScheduler.from_config(dpipe.scheduler.config)
-    theirs = dpipe("a pink star", generator=[torch.Generator().manual_seed(3)], height=SIZE, width=SIZE,
-                   num_inference_steps=3).images
+    theirs = dpipe(
+        "a pink star",
+        generator=[torch.Generator().manual_seed(3)],
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=3,
+    ).images
     assert np.abs(pixels(ours) - pixels(theirs)).max() <= 3
 
 
@@ -189,7 +227,11 @@ def pipe1(sd1):
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [
-        (dict(sampler="plms"), ValueError, r"unknown sampler 'plms'; choose from \['ddim', 'ddpm', 'dpmpp_2m'"),
+        (
+            dict(sampler="plms"),
+            ValueError,
+            r"unknown sampler 'plms'; choose from \['ddim', 'ddpm', 'dpmpp_2m'",
+        ),
         (dict(height=31), ValueError, "multiples of 2"),
         (dict(width=0), ValueError, "multiples of 2"),
         (dict(steps=0), ValueError, "steps must be a positive integer"),

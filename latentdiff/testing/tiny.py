@@ -32,7 +32,11 @@ def byte_vocab_tokenizer(folder: str | Path, model_max_length: int = 77):
 
 def byte_characters() -> list[str]:
     """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for the bytes 0..255, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -105,9 +109,7 @@ def tiny_diffusers_pipeline(style: str = "sd1", seed: int = 0, prediction_type: 
     vae = AutoencoderKL(**TINY_VAE)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = byte_vocab_tokenizer(tmp)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(vocab_size=len(tokenizer), **TINY_TEXT)
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TINY_TEXT))
     if prediction_type is None:
         prediction_type = "epsilon" if style == "sd1" else "v_prediction"
     scheduler = DDIMScheduler(
