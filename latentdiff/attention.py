@@ -57,16 +57,63 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (
-            t.view(B, -1, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v)
-        )  # (B, H, T, D)
+        if not _plain(self.to_q, self.to_k, self.to_v):  # LoRA wrappers, hooks: one module call each
+            context = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        elif context is None:  # self-attention: q, k, v in one matmul
+            q, k, v = _fused_linear(self, x, self.to_q, self.to_k, self.to_v).chunk(3, dim=-1)
+        else:  # cross-attention: k, v of the (fixed) text context in one matmul, reused across steps
+            q, (k, v) = self.to_q(x), self._context_kv(context).chunk(2, dim=-1)
+        q, k, v = (t.view(B, -1, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if self.upcast:  # softmax(QK^T) in float32 for half-precision weights (SD 2.1)
             q, k, v = q.float(), k.float(), v.float()
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim).to(x.dtype)  # (B, T, H*D)
         return self.to_out[1](self.to_out[0](out))
+
+    def _context_kv(self, context: torch.Tensor) -> torch.Tensor:
+        # The text context is the same tensor at every denoising step: at inference its k, v are kept
+        # (with a reference to it, so its memory cannot be reused by another tensor) until it changes.
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return _fused_linear(self, context, self.to_k, self.to_v)
+        key = (context._version, *_weights_key(self.to_k, self.to_v))
+        cached = self.__dict__.get("_kv_cache")
+        if cached is None or cached[0] is not context or cached[1] != key:
+            cached = (context, key, _fused_linear(self, context, self.to_k, self.to_v))
+            self.__dict__["_kv_cache"] = cached  # not a buffer: never in the state_dict
+        return cached[2]
+
+
+def _plain(*layers: nn.Module) -> bool:
+    """True if every layer is an nn.Linear whose forward may be replaced by a fused matmul."""
+    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in layers)
+
+
+def _weights_key(*layers: nn.Linear) -> tuple:
+    """Identity of the layers' parameters: changes when they are replaced, moved or updated in place."""
+    return tuple((p.data_ptr(), p._version, p.dtype) for m in layers for p in (m.weight, m.bias) if p is not None)
+
+
+def _fused_linear(owner: nn.Module, x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
+    """`torch.cat([m(x) for m in layers], -1)` as one matmul (Linear weights concatenated row-wise).
+
+    Under autograd the weights are concatenated on every call (gradients flow to each layer); at
+    inference the concatenation is cached on `owner` and rebuilt when any of the weights is replaced,
+    moved or updated in place (writes through `.data` bypass the version counter and are not seen).
+    """
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(m.weight.requires_grad for m in layers)):
+        weight = torch.cat([m.weight for m in layers])
+        bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
+        return F.linear(x, weight, bias)
+    name = f"_fused_{len(layers)}"
+    key = _weights_key(*layers)
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        weight = torch.cat([m.weight.detach() for m in layers])
+        bias = None if layers[0].bias is None else torch.cat([m.bias.detach() for m in layers])
+        cached = (key, weight, bias)
+        owner.__dict__[name] = cached  # plain attributes: not parameters, not in the state_dict
+    return F.linear(x, cached[1], cached[2])
 
 
 class GEGLU(nn.Module):
@@ -196,7 +243,11 @@ class VAEAttention(Checkpointed):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.group_norm(x.view(B, C, H * W)).transpose(1, 2)  # (B, HW, C)
-        q, k, v = (proj(h)[:, None] for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
+        if _plain(self.to_q, self.to_k, self.to_v):
+            qkv = _fused_linear(self, h, self.to_q, self.to_k, self.to_v)[:, None]  # (B, 1, HW, 3C)
+            q, k, v = qkv.chunk(3, dim=-1)
+        else:
+            q, k, v = (proj(h)[:, None] for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
         h = F.scaled_dot_product_attention(q, k, v)[:, 0]
         h = self.to_out[1](self.to_out[0](h))
         return x + h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)

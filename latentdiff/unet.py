@@ -197,11 +197,17 @@ class ResBlock(Checkpointed):
             scale, shift = temb.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
-            h = self.norm2(h + temb if temb is not None else h)
+            h = self.norm2(h if temb is None else _add(h, temb))
         h = self.conv2(self.dropout(self.act(h)))
         if hasattr(self, "conv_shortcut"):
             x = self.conv_shortcut(x)
-        return (x + h) / self.output_scale_factor
+        h = _add(h, x)  # h is a fresh conv output: added to in place when no gradient needs it
+        return h if self.output_scale_factor == 1.0 else h / self.output_scale_factor
+
+
+def _add(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """h + other, written into h (a temporary of the caller's) at inference: one pass, no new tensor."""
+    return h.add_(other) if not torch.is_grad_enabled() else h + other
 
 
 class Downsample(nn.Module):

@@ -47,7 +47,12 @@ def test_kohya_folder_pairs_images_with_same_stem_captions(tmp_path):
     (data / ".hidden.png").write_bytes(b"junk")
     found = find_examples(data)
     captions = {ex.path.name: ex.caption for ex in found.examples}
-    assert captions == {"img0.png": "caption 0", "img1.png": "caption 1", "img2.png": "caption 2", "deep.jpg": "a deep one"}
+    assert captions == {
+        "img0.png": "caption 0",
+        "img1.png": "caption 1",
+        "img2.png": "caption 2",
+        "deep.jpg": "a deep one",
+    }
     assert found.bad_files == []
 
 

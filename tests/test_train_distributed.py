@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,16 +26,31 @@ def _free_port() -> int:
 
 def _launch(args: list[str], processes: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
     accelerate = Path(sys.executable).parent / "accelerate"
-    command = [str(accelerate), "launch", "--cpu", "--num_processes", str(processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-               str(ROOT / "training" / "train.py"), *args]
+    command = [
+        str(accelerate),
+        "launch",
+        "--cpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "training" / "train.py"),
+        *args,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
-                    reason="accelerate CLI not installed")
+@pytest.mark.skipif(
+    shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None, reason="accelerate CLI not installed"
+)
 def test_two_process_cpu_run_completes_and_its_checkpoint_resumes(tmp_path):
     from latentdiff.pipeline import LatentDiffusionPipeline
     from latentdiff.testing.tiny import save_tiny_pipeline
@@ -47,9 +63,26 @@ def test_two_process_cpu_run_completes_and_its_checkpoint_resumes(tmp_path):
         Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(data / f"{i}.png")
         (data / f"{i}.txt").write_text(f"image {i}")
     out = tmp_path / "out"
-    common = ["--model", str(model), "--data", str(data), "--output-dir", str(out), "--batch-size", "2",
-              "--checkpoint-every", "2", "--seed", "0", "--resolution", "16", "--learning-rate", "1e-3",
-              "--ema", "0.9"]
+    common = [
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--seed",
+        "0",
+        "--resolution",
+        "16",
+        "--learning-rate",
+        "1e-3",
+        "--ema",
+        "0.9",
+    ]
 
     first = _launch([*common, "--max-steps", "2"])
     assert first.returncode == 0, first.stderr[-3000:]
@@ -63,6 +96,14 @@ def test_two_process_cpu_run_completes_and_its_checkpoint_resumes(tmp_path):
     assert "resumed from" in second.stdout + second.stderr
     state = json.loads((out / "checkpoint-4" / "state.json").read_text())
     assert state["step"] == 4 and len(state["losses"]) == 4
+
+    straight = _launch([*common[:5], str(tmp_path / "straight"), *common[6:], "--max-steps", "4"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a, b = (
+        load_file(str(d / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+        for d in (out, tmp_path / "straight")
+    )
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6  # 2 + resumed 2 == 4 straight, on 2 processes
 
     pipe = LatentDiffusionPipeline.from_pretrained(out / "final")
     assert pipe(["image 1"], seed=0, steps=2, height=16, width=16, progress=False)[0].size == (16, 16)

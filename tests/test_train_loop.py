@@ -42,9 +42,29 @@ def data_dir(tmp_path_factory):
 
 
 def run(model_dir, data_dir, out, *extra, steps=3, batch=2, every=0):
-    argv = ["--model", str(model_dir), "--data", str(data_dir), "--output-dir", str(out), "--max-steps", str(steps),
-            "--batch-size", str(batch), "--checkpoint-every", str(every), "--seed", "0", "--resolution", "16",
-            "--learning-rate", "1e-3", "--report-to", "none", *map(str, extra)]
+    argv = [
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data_dir),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        str(batch),
+        "--checkpoint-every",
+        str(every),
+        "--seed",
+        "0",
+        "--resolution",
+        "16",
+        "--learning-rate",
+        "1e-3",
+        "--report-to",
+        "none",
+        *map(str, extra),
+    ]
     return main(argv)
 
 
@@ -165,7 +185,7 @@ def test_cache_latents_encodes_each_image_once(model_dir, data_dir):
     from accelerate import Accelerator
 
     from latentdiff.training.data import CaptionedImages, find_examples
-    from latentdiff.training.loop import cache_latents
+    from latentdiff.training.feed import cache_latents
     from latentdiff.training.models import load_models
 
     vae = load_models(model_dir, "cpu").vae
@@ -251,15 +271,16 @@ def test_nan_steps_in_a_row_stop_the_run(model_dir, data_dir, tmp_path, monkeypa
 def test_bad_files_give_one_warning_and_the_run_goes_on(model_dir, data_dir, tmp_path, recwarn):
     import shutil
 
-    from latentdiff.training.loop import BadFilesWarning
+    from latentdiff.training.feed import BadFilesWarning
 
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
     (data / "empty.png").write_bytes(b"")
     (data / "text.jpg").write_text("not an image")
     Image.new("RGB", (30, 30)).save(data / "big.png")  # 900 pixels, over the limit below
-    assert run(model_dir, data, tmp_path / "out", "--max-image-pixels", "500", "--missing-captions", "empty",
-               steps=1) == 0
+    assert (
+        run(model_dir, data, tmp_path / "out", "--max-image-pixels", "500", "--missing-captions", "empty", steps=1) == 0
+    )
     ours = [w for w in recwarn if issubclass(w.category, BadFilesWarning)]
     assert len(ours) == 1
     message = str(ours[0].message)
@@ -286,3 +307,19 @@ def test_bad_resolution_and_model_are_errors(model_dir, data_dir, tmp_path, caps
     assert "use a multiple of" in capsys.readouterr().err
     assert run(tmp_path / "nomodel", data_dir, tmp_path / "o", steps=1) == 1
     assert "cannot load --model" in capsys.readouterr().err
+
+
+def test_accelerate_cpu_launch_is_detected(monkeypatch):
+    from latentdiff.training.launch import requested_cpu_processes
+
+    launcher = ["python", "accelerate", "launch", "--cpu", "--num_processes", "2", "training/train.py"]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    assert requested_cpu_processes(launcher) == 2
+    assert requested_cpu_processes(["accelerate", "launch", "--cpu", "--num-processes=3", "x.py"]) == 3
+    assert requested_cpu_processes(["pytest", "tests"]) == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")  # already one of N processes: never launch again
+    assert requested_cpu_processes(launcher) == 1
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    assert requested_cpu_processes(launcher) == 1

@@ -65,14 +65,10 @@ def resolve_resume(resume: str | None, out_dir: str | Path) -> Path | None:
 # ---- writing ---------------------------------------------------------------------------------------------
 def assert_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     bad = [
-        k
-        for k, t in tensors.items()
-        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()
+        k for k, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()
     ]
     if bad:
-        raise TrainingError(
-            f"refusing to save {what}: non-finite values in {bad[:5]}{' ...' if len(bad) > 5 else ''}"
-        )
+        raise TrainingError(f"refusing to save {what}: non-finite values in {bad[:5]}{' ...' if len(bad) > 5 else ''}")
 
 
 def rng_state(generator: torch.Generator) -> dict:

@@ -23,9 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of images + same-name .txt captions, or with metadata.jsonl/.csv; "
         "or 'shapes' / 'shapes:SEED' for Shapes scenes drawn on the fly",
     )
-    run.add_argument(
-        "--output-dir", required=True, help="checkpoints, logs, validation grids and final/ go here"
-    )
+    run.add_argument("--output-dir", required=True, help="checkpoints, logs, validation grids and final/ go here")
     run.add_argument(
         "--max-steps", type=int, default=1000, help="optimizer steps in all (a resumed run continues to it)"
     )
@@ -34,9 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resolution", type=int, default=None, help="square training size in pixels (default: the model's)"
     )
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument(
-        "--checkpoint-every", type=int, default=0, help="write OUT/checkpoint-N every N steps (0: never)"
-    )
+    run.add_argument("--checkpoint-every", type=int, default=0, help="write OUT/checkpoint-N every N steps (0: never)")
     run.add_argument("--keep-checkpoints", type=int, default=None, help="keep only the newest K checkpoints")
     run.add_argument(
         "--resume",
@@ -55,18 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="images without a caption: stop and name them, leave them out, or train them with ''",
     )
     data.add_argument("--random-crop", action="store_true", help="random instead of centre crops")
-    data.add_argument(
-        "--flip", action="store_true", help="random horizontal flips (breaks left/right captions)"
-    )
+    data.add_argument("--flip", action="store_true", help="random horizontal flips (breaks left/right captions)")
     data.add_argument(
         "--caption-dropout",
         type=float,
         default=0.1,
         help="probability of training with the empty caption (needed for classifier-free guidance)",
     )
-    data.add_argument(
-        "--cache-latents", action="store_true", help="encode each image once with the frozen VAE"
-    )
+    data.add_argument("--cache-latents", action="store_true", help="encode each image once with the frozen VAE")
     data.add_argument(
         "--max-image-pixels",
         type=int,
@@ -84,18 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="train LoRA adapters of this rank on the attention projections instead (merged on export)",
     )
-    model.add_argument(
-        "--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: the rank)"
-    )
-    model.add_argument(
-        "--gradient-checkpointing", action="store_true", help="recompute activations to save memory"
-    )
+    model.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: the rank)")
+    model.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     model.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
 
     opt = p.add_argument_group("optimization")
-    opt.add_argument(
-        "--learning-rate", type=float, default=None, help="default 1e-5, or 1e-4 with --lora-rank"
-    )
+    opt.add_argument("--learning-rate", type=float, default=None, help="default 1e-5, or 1e-4 with --lora-rank")
     opt.add_argument("--text-encoder-lr", type=float, default=None, help="default: --learning-rate")
     opt.add_argument(
         "--lr-scheduler",
@@ -119,18 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DECAY",
         help="keep EMA weights (decay 0.9999 if no value) for validation and export",
     )
-    opt.add_argument(
-        "--snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting (5.0 is usual)"
-    )
+    opt.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting (5.0 is usual)")
     opt.add_argument("--noise-offset", type=float, default=0.0)
-    opt.add_argument(
-        "--max-nan-steps", type=int, default=5, help="stop after this many NaN/inf steps in a row"
-    )
+    opt.add_argument("--max-nan-steps", type=int, default=5, help="stop after this many NaN/inf steps in a row")
 
     out = p.add_argument_group("output")
-    out.add_argument(
-        "--validate-every", type=int, default=0, help="sample --validation-prompts every N steps"
-    )
+    out.add_argument("--validate-every", type=int, default=0, help="sample --validation-prompts every N steps")
     out.add_argument("--validation-prompts", nargs="*", default=[], metavar="PROMPT")
     out.add_argument("--validation-steps", type=int, default=20, help="sampling steps for validation grids")
     out.add_argument("--validation-guidance-scale", type=float, default=None, help="default: the model's")
@@ -165,6 +145,12 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    if argv is None:  # a real command line: maybe `accelerate launch --cpu --num_processes N`
+        from latentdiff.training.launch import relaunch, requested_cpu_processes
+
+        n = requested_cpu_processes()
+        if n > 1:
+            return relaunch(n, sys.argv[0], sys.argv[1:])
 
     from latentdiff.training.errors import TrainingError
     from latentdiff.training.loop import train

@@ -173,9 +173,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
     with open(path, newline="", encoding="utf-8") as f:
-        return [
-            (i, {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(csv.DictReader(f), 2)
-        ]
+        return [(i, {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(csv.DictReader(f), 2)]
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -243,9 +241,7 @@ class CaptionedImages(torch.utils.data.Dataset):
 class ShapesScenes(CaptionedImages):
     """`length` synthetic scenes from latentdiff.data.shapes, drawn on the fly at the training resolution."""
 
-    def __init__(
-        self, length: int, resolution: int, scene_seed: int = 0, caption_dropout: float = 0.0, seed: int = 0
-    ):
+    def __init__(self, length: int, resolution: int, scene_seed: int = 0, caption_dropout: float = 0.0, seed: int = 0):
         super().__init__([], resolution, caption_dropout=caption_dropout, seed=seed)
         from latentdiff.data.shapes import ShapesDataset
 

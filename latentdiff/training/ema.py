@@ -20,10 +20,7 @@ class EMA:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay, self.num_updates = decay, 0
         self.params = {
-            f"{name}.{key}": p
-            for name, m in modules.items()
-            for key, p in m.named_parameters()
-            if p.requires_grad
+            f"{name}.{key}": p for name, m in modules.items() for key, p in m.named_parameters() if p.requires_grad
         }
         self.shadow = {k: p.detach().float().clone() for k, p in self.params.items()}
 
@@ -61,9 +58,7 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         missing = set(self.shadow) ^ set(state["shadow"])
         if missing:
-            raise ValueError(
-                f"EMA state does not match the trained parameters (differs in {sorted(missing)[:5]})"
-            )
+            raise ValueError(f"EMA state does not match the trained parameters (differs in {sorted(missing)[:5]})")
         self.num_updates = int(state["num_updates"])
         for k, v in state["shadow"].items():
             self.shadow[k].copy_(v)

@@ -64,9 +64,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """RGB for any Pillow mode: transparency composited on white, CMYK/P/L/16-bit converted."""
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        img.mode in ("RGB", "L") and "transparency" in img.info
-    ):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode in ("RGB", "L") and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")

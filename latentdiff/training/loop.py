@@ -4,189 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from latentdiff.training import checkpoint as ckpt
 from latentdiff.training import losses
-from latentdiff.training.data import (
-    CaptionedImages,
-    DataError,
-    ShapesScenes,
-    bad_files_message,
-    find_examples,
-    parse_shapes_spec,
-)
 from latentdiff.training.errors import NonFiniteLossError, TrainingError
-from latentdiff.training.models import Models, export, load_models, load_trainable_state, trainable_state
-from latentdiff.training.optim import build_lr_schedule, build_optimizer, set_lr_for_step
+from latentdiff.training.feed import Collate, batch_context, batch_latents, build_dataset, cache_latents
+from latentdiff.training.models import Models, export, load_models, trainable_state
+from latentdiff.training.optim import build_lr_schedule, build_optimizer
 from latentdiff.training.sampler import ResumableBatches
-
-
-class BadFilesWarning(UserWarning):
-    """Files in the data folder that were skipped (truncated, corrupt, empty, not images, too many pixels)."""
-
-
-@dataclass
-class RunState:
-    """Everything about progress that a checkpoint must restore besides weights, optimizer and RNG."""
-
-    step: int = 0  # optimizer steps taken (skipped non-finite steps count too)
-    micro_batches: int = 0  # micro-batches consumed per process: the data position
-    nan_skipped: int = 0
-    nan_in_a_row: int = 0
-    losses: list[float] = field(default_factory=list)  # mean loss of each step, all processes
-    skipped_steps: list[int] = field(default_factory=list)
-
-
-# ---- data --------------------------------------------------------------------------------------------
-def build_dataset(args, accelerator, log) -> CaptionedImages:
-    """The dataset; a folder is scanned once, on the main process, and the result shared."""
-    shapes_seed = parse_shapes_spec(str(args.data))
-    if shapes_seed is not None:
-        return ShapesScenes(args.shapes_count, args.resolution, shapes_seed, args.caption_dropout, args.seed)
-    found, error = None, None
-    if accelerator.is_main_process:
-        try:
-            found = find_examples(
-                args.data,
-                args.missing_captions,
-                args.caption_extension,
-                args.image_column,
-                args.caption_column,
-                args.max_image_pixels,
-                workers=max(1, args.num_workers),
-            )
-        except DataError as e:
-            error = str(e)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        found, error = broadcast_object_list([found, error], from_process=0)
-    if error is not None:
-        raise DataError(error)
-    if found.bad_files and accelerator.is_main_process:
-        message = bad_files_message(found.bad_files, args.data)
-        (Path(args.output_dir) / "skipped-files.txt").write_text(
-            "".join(f"{p}\t{why}\n" for p, why in found.bad_files), encoding="utf-8"
-        )
-        warnings.warn(message, BadFilesWarning, stacklevel=2)
-    if found.uncaptioned:
-        verb = "left out" if args.missing_captions == "skip" else "trained with an empty caption"
-        log(
-            f"{len(found.uncaptioned)} image(s) without a caption {verb} (--missing-captions {args.missing_captions})"
-        )
-    log(f"data: {len(found.examples)} images from {args.data}")
-    return CaptionedImages(
-        found.examples,
-        args.resolution,
-        args.random_crop,
-        args.flip,
-        args.caption_dropout,
-        args.seed,
-        args.max_image_pixels,
-    )
-
-
-class CachedLatents(torch.utils.data.Dataset):
-    """The dataset with each image replaced by its VAE posterior (mean, std), encoded once."""
-
-    def __init__(self, dataset: CaptionedImages, posteriors: dict[int, tuple[torch.Tensor, torch.Tensor]]):
-        self.dataset, self.posteriors = dataset, posteriors
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        from latentdiff.training.data import sample_rng
-
-        dropped = sample_rng(self.dataset.seed, epoch, index).random() < self.dataset.caption_dropout
-        mean, std = self.posteriors[index]
-        return {
-            "index": index,
-            "caption": "" if dropped else self.dataset.caption(index),
-            "mean": mean,
-            "std": std,
-        }
-
-
-@torch.no_grad()
-def cache_latents(dataset: CaptionedImages, vae, accelerator, batch_size: int, log) -> CachedLatents:
-    """Encode every image once (each process a share, then all share all); crops must be fixed for this."""
-    from tqdm.auto import tqdm
-
-    mine = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
-    posteriors = {}
-    bar = tqdm(total=len(mine), desc="caching latents", disable=not accelerator.is_local_main_process)
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start : start + batch_size]
-        pixels = torch.stack([dataset.image_tensor(i) for i in chunk]).to(accelerator.device, _dtype(vae))
-        post = vae.encode(pixels)
-        for i, mean, std in zip(chunk, post.mean.float().cpu(), post.std.float().cpu()):
-            posteriors[i] = (mean.clone(), std.clone())
-        bar.update(len(chunk))
-    bar.close()
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        posteriors = dict(gather_object(list(posteriors.items())))
-    log(f"cached the latents of {len(posteriors)} images")
-    return CachedLatents(dataset, posteriors)
-
-
-class Collate:
-    """Stack a batch and tokenize its captions (picklable, for DataLoader workers)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, items: list[dict]) -> dict:
-        captions = [it["caption"] for it in items]
-        batch = {
-            "index": torch.tensor([it["index"] for it in items]),
-            "input_ids": self.tokenizer(
-                captions,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids,
-        }
-        for key in ("pixels", "mean", "std"):
-            if key in items[0]:
-                batch[key] = torch.stack([it[key] for it in items])
-        return batch
-
-
-def _dtype(module) -> torch.dtype:
-    return next(module.parameters()).dtype
+from latentdiff.training.state import RunState, restore, save
 
 
 # ---- one step ----------------------------------------------------------------------------------------
-def batch_latents(batch: dict, vae, generator: torch.Generator, device) -> torch.Tensor:
-    """z ~ q(z|x) (reparameterised, from the training generator), shifted and scaled for the U-Net."""
-    if "pixels" in batch:
-        with torch.no_grad():
-            post = vae.encode(batch["pixels"].to(device, _dtype(vae)))
-        mean, std = post.mean.float(), post.std.float()
-    else:
-        mean, std = batch["mean"].to(device), batch["std"].to(device)
-    z = mean + std * torch.randn(mean.shape, generator=generator).to(device)
-    cfg = vae.config
-    return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
-
-
-def batch_context(batch: dict, text_encoder, train_text_encoder: bool, device) -> torch.Tensor:
-    ids = batch["input_ids"].to(device)
-    with contextlib.nullcontext() if train_text_encoder else torch.no_grad():
-        return text_encoder(ids)[0].float()
-
-
 def all_finite(accelerator, value: torch.Tensor) -> bool:
     """True only if `value` is finite on every process (so all take the same branch)."""
     bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=accelerator.device)
@@ -200,7 +34,10 @@ def train(args, log=None) -> dict:
     from accelerate.utils import ProjectConfiguration, set_seed
 
     out_dir = Path(args.output_dir)
+    # torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: data-parallel on CPU (gloo)
+    cpu_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=cpu_group,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
@@ -214,6 +51,10 @@ def train(args, log=None) -> dict:
         return _train(args, accelerator, out_dir, say, set_seed)
     finally:
         accelerator.end_training()
+        if accelerator.num_processes == 1:  # Accelerate's state is a process-wide singleton: let main() run again
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _train(args, accelerator, out_dir: Path, log, set_seed) -> dict:
@@ -268,12 +109,8 @@ def _train(args, accelerator, out_dir: Path, log, set_seed) -> dict:
     lr = args.learning_rate if args.learning_rate is not None else (1e-4 if args.lora_rank else 1e-5)
     groups = [{"params": models.trainable_parameters("unet"), "lr": lr}]
     if args.train_text_encoder:
-        groups.append(
-            {"params": models.trainable_parameters("text_encoder"), "lr": args.text_encoder_lr or lr}
-        )
-    optimizer = build_optimizer(
-        groups, (args.adam_beta1, args.adam_beta2), args.adam_weight_decay, args.adam_epsilon
-    )
+        groups.append({"params": models.trainable_parameters("text_encoder"), "lr": args.text_encoder_lr or lr})
+    optimizer = build_optimizer(groups, (args.adam_beta1, args.adam_beta2), args.adam_weight_decay, args.adam_epsilon)
     lr_schedule = build_lr_schedule(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_steps)
     ema = None
     if args.ema is not None:
@@ -418,9 +255,7 @@ def _train(args, accelerator, out_dir: Path, log, set_seed) -> dict:
         if state.losses:
             from latentdiff.training.validation import save_loss_curve
 
-            summary["loss_curve"] = str(
-                save_loss_curve(state.losses, out_dir / "loss_curve.png", state.skipped_steps)
-            )
+            summary["loss_curve"] = str(save_loss_curve(state.losses, out_dir / "loss_curve.png", state.skipped_steps))
             (out_dir / "losses.csv").write_text(
                 "step,loss\n" + "".join(f"{i},{v}\n" for i, v in enumerate(state.losses, 1)), encoding="utf-8"
             )
@@ -482,90 +317,6 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return (None, None) if skip else (total, grad_norm)
-
-
-# ---- checkpoints -------------------------------------------------------------------------------------
-def save(
-    out_dir: Path, state: RunState, models: Models, optimizer, lr_schedule, ema, generator, accelerator, args
-) -> Path:
-    def write_shared(tmp: Path) -> None:
-        weights = trainable_state(models)
-        ckpt.assert_finite(weights, f"checkpoint-{state.step}")
-        ckpt.save_tensors(weights, tmp / "trainable.safetensors")
-        opt_state = optimizer.state_dict()
-        ckpt.assert_finite(
-            {f"{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items()},
-            f"checkpoint-{state.step} (optimizer state)",
-        )
-        torch.save(opt_state, tmp / "optimizer.pt")
-        torch.save(lr_schedule.state_dict(), tmp / "lr_schedule.pt")
-        if ema is not None:
-            ckpt.assert_finite(ema.shadow, f"checkpoint-{state.step} (EMA)")
-            ckpt.save_tensors(ema.shadow, tmp / "ema.safetensors")
-        info = {
-            **asdict(state),
-            "num_processes": accelerator.num_processes,
-            "batch_size": args.batch_size,
-            "grad_accum": args.grad_accum,
-            "max_steps": args.max_steps,
-            "seed": args.seed,
-            "ema_updates": ema.num_updates if ema is not None else None,
-            "model": str(args.model),
-            "lora_rank": args.lora_rank,
-            "train_text_encoder": args.train_text_encoder,
-        }
-        ckpt.save_json(info, tmp / "state.json")
-
-    path = ckpt.write_checkpoint(out_dir, state.step, accelerator, write_shared, ckpt.rng_state(generator))
-    if accelerator.is_main_process:
-        ckpt.prune(out_dir, args.keep_checkpoints)
-    accelerator.wait_for_everyone()
-    return path
-
-
-def restore(
-    path: Path, models: Models, optimizer, lr_schedule, ema, generator, accelerator, args, log
-) -> RunState:
-    info = ckpt.load_json(path / "state.json")
-    load_trainable_state(models, ckpt.load_tensors(path / "trainable.safetensors"))
-    optimizer.load_state_dict(ckpt.load_torch(path / "optimizer.pt"))
-    lr_schedule.load_state_dict(ckpt.load_torch(path / "lr_schedule.pt"))
-    set_lr_for_step(
-        optimizer, lr_schedule, info["step"]
-    )  # the schedule of this run's --max-steps at that step
-    if ema is not None:
-        shadow = path / "ema.safetensors"
-        if shadow.is_file():
-            ema.load_state_dict({"shadow": ckpt.load_tensors(shadow), "num_updates": info["ema_updates"]})
-        else:
-            log(f"{path} has no EMA weights; the EMA starts from the current weights")
-    rng_file = path / f"rng-{accelerator.process_index}.pt"
-    if info["num_processes"] != accelerator.num_processes or (info["batch_size"], info["grad_accum"]) != (
-        args.batch_size,
-        args.grad_accum,
-    ):
-        log(
-            f"note: {path} was written by {info['num_processes']} process(es) with batch size {info['batch_size']} "
-            f"x {info['grad_accum']}; this run differs, so the data order and noise will not continue exactly"
-        )
-    if rng_file.is_file():
-        ckpt.set_rng_state(ckpt.load_torch(rng_file), generator)
-    state = RunState(
-        **{
-            k: info[k]
-            for k in ("step", "micro_batches", "nan_skipped", "nan_in_a_row", "losses", "skipped_steps")
-        }
-    )
-    if info["num_processes"] != accelerator.num_processes or info["batch_size"] != args.batch_size:
-        # keep the images seen so far: the new stream starts after them
-        state.micro_batches = math.ceil(
-            info["micro_batches"]
-            * info["num_processes"]
-            * info["batch_size"]
-            / (accelerator.num_processes * args.batch_size)
-        )
-    log(f"resumed from {path} at step {state.step}")
-    return state
 
 
 # ---- validation --------------------------------------------------------------------------------------

@@ -18,9 +18,7 @@ def add_lora(module: nn.Module, rank: int, alpha: float | None, targets: list[st
     if rank <= 0:
         raise ValueError(f"--lora-rank must be a positive integer, got {rank}")
     module.requires_grad_(False)
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights="gaussian"
-    )
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights="gaussian")
     inject_adapter_in_model(config, module)
     count = 0
     for name, p in module.named_parameters():

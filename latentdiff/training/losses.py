@@ -8,9 +8,7 @@ import torch.nn.functional as F
 from latentdiff.schedules import add_noise, snr, velocity_target
 
 
-def sample_noise(
-    latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0
-) -> torch.Tensor:
+def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
     """eps ~ N(0, I) from a CPU generator (same numbers on any device), plus offset noise (Guttenberg 2023)."""
     noise = torch.randn(latents.shape, generator=generator)
     if noise_offset:
@@ -26,14 +24,10 @@ def target_for(prediction_type: str, latents, noise, t, alphas_cumprod) -> torch
         return velocity_target(latents, noise, t, alphas_cumprod)
     if prediction_type == "sample":
         return latents
-    raise ValueError(
-        f"unknown prediction_type {prediction_type!r}; choose from epsilon, v_prediction, sample"
-    )
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; choose from epsilon, v_prediction, sample")
 
 
-def min_snr_weights(
-    t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str
-) -> torch.Tensor:
+def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 9), written for the eps / v / x0 parameterisation.
 
     The x0-space weight min(SNR, gamma) becomes min(SNR, gamma) / SNR for eps and min(SNR, gamma) / (SNR + 1)
@@ -67,11 +61,7 @@ def diffusion_loss(
     target = target_for(prediction_type, latents, noise, t, alphas_cumprod)
     # 3. prediction and per-sample MSE
     pred = unet(noisy, t, context)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(
-        dim=list(range(1, pred.ndim))
-    )
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
     if snr_gamma is not None:
-        per_sample = per_sample * min_snr_weights(t, alphas_cumprod, snr_gamma, prediction_type).to(
-            per_sample.device
-        )
+        per_sample = per_sample * min_snr_weights(t, alphas_cumprod, snr_gamma, prediction_type).to(per_sample.device)
     return per_sample.mean()

@@ -68,17 +68,15 @@ def load_models(
     if gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if train_text_encoder:
-            pipe.text_encoder.gradient_checkpointing_enable()
+            te = pipe.text_encoder  # transformers 5 renamed it; older versions only have the first name
+            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
     return models
 
 
 def trainable_state(models: Models) -> dict[str, torch.Tensor]:
     """{"unet.<param>": tensor, ...}: what a checkpoint must hold of the weights (LoRA: only the adapters)."""
     return {
-        f"{name}.{key}": p
-        for name, m in models.trained.items()
-        for key, p in m.named_parameters()
-        if p.requires_grad
+        f"{name}.{key}": p for name, m in models.trained.items() for key, p in m.named_parameters() if p.requires_grad
     }
 
 

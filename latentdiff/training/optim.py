@@ -21,18 +21,14 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> 
     raise ValueError(f"unknown --lr-scheduler {schedule!r}; choose from {list(LR_SCHEDULES)}")
 
 
-def build_optimizer(
-    param_groups: list[dict], betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
-) -> torch.optim.AdamW:
+def build_optimizer(param_groups: list[dict], betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019) over groups {"params": [...], "lr": ...}."""
     return torch.optim.AdamW(param_groups, betas=betas, weight_decay=weight_decay, eps=eps)
 
 
 def build_lr_schedule(optimizer, schedule: str, warmup_steps: int, total_steps: int):
     lr_factor(0, schedule, warmup_steps, total_steps)  # fail early on an unknown name
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, schedule, warmup_steps, total_steps)
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule, warmup_steps, total_steps))
 
 
 def set_lr_for_step(optimizer, lr_schedule, step: int) -> None:

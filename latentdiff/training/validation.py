@@ -50,8 +50,7 @@ def save_loss_curve(losses: list[float], path: str | Path, skipped: list[int] | 
         ax.plot(xs, ys, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
         window = max(1, len(ys) // 20)
         smooth = [
-            sum(ys[max(0, i - window + 1) : i + 1]) / len(ys[max(0, i - window + 1) : i + 1])
-            for i in range(len(ys))
+            sum(ys[max(0, i - window + 1) : i + 1]) / len(ys[max(0, i - window + 1) : i + 1]) for i in range(len(ys))
         ]
         ax.plot(xs, smooth, color="tab:blue", linewidth=2, label=f"mean of {window}")
         if min(ys) > 0 and max(ys) / min(ys) > 20:

@@ -1,11 +1,11 @@
 """Measure the default recipe's speeds on this machine: VAE training, U-Net training, sampling.
 
 Random weights (speed does not depend on them), latentdiff's own modules (or diffusers' with --impl
-diffusers, the same math). The machine is shared, so each figure is the median of --repeats timed runs,
-with the fastest run too (the least disturbed one).
+diffusers, the same math). The machine is shared, so units are timed in interleaved rounds; the fastest run of
+each (the least disturbed) estimates the quiet machine, the median what a busy one gives.
 
     python training/recipes/default/measure.py                      # all three, the recipe's sizes
-    python training/recipes/default/measure.py --only sample --set unet.block_out_channels=[48,96,192]
+    python training/recipes/default/measure.py --only sample --variant 'big:unet.block_out_channels=[48,96,192]'
 """
 
 from __future__ import annotations
@@ -20,16 +20,6 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-
-
-def _timed(fn, repeats: int) -> dict:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times)}
 
 
 def _params(module) -> int:
@@ -60,7 +50,8 @@ def _out(x):
     return x.sample if hasattr(x, "sample") else x
 
 
-def measure_vae_training(recipe: dict, impl: str, repeats: int) -> dict:
+def vae_training_unit(recipe: dict, impl: str):
+    """One AdamW step of the autoencoder (L1 + edge + KL) on a batch of images."""
     from latentdiff.training.vae_train import vae_loss
 
     _, vae, _ = build_models(recipe, impl)
@@ -80,11 +71,10 @@ def measure_vae_training(recipe: dict, impl: str, repeats: int) -> dict:
         loss.backward()
         opt.step()
 
-    t = _timed(step, repeats)
-    return {"params": _params(vae), "batch": batch, **t, "images_per_s": batch / t["median_s"]}
+    return step, {"params": _params(vae), "images": batch}
 
 
-def measure_unet_training(recipe: dict, impl: str, repeats: int) -> dict:
+def unet_training_unit(recipe: dict, impl: str):
     """One AdamW step of U-Net + text encoder (trained together from scratch) on a batch of latents."""
     unet, _, text = build_models(recipe, impl)
     unet.train()
@@ -104,17 +94,10 @@ def measure_unet_training(recipe: dict, impl: str, repeats: int) -> dict:
         loss.backward()
         opt.step()
 
-    r = _timed(step, repeats)
-    return {
-        "unet_params": _params(unet),
-        "text_params": _params(text),
-        "batch": batch,
-        **r,
-        "images_per_s": batch / r["median_s"],
-    }
+    return step, {"unet_params": _params(unet), "text_params": _params(text), "images": batch}
 
 
-def measure_sampling(recipe: dict, repeats: int, batch: int = 8) -> dict:
+def sampling_unit(recipe: dict, impl: str, batch: int = 8):
     """The real pipeline call with the stored defaults (sampler, steps, guidance) on `batch` prompts."""
     from latentdiff.pipeline import LatentDiffusionPipeline
     from latentdiff.training.scratch import init_model_folder, shapes_captions
@@ -124,18 +107,12 @@ def measure_sampling(recipe: dict, repeats: int, batch: int = 8) -> dict:
         size = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
         pipe = LatentDiffusionPipeline.from_pretrained(folder)
     prompts = ["a red circle to the left of a blue square on a black background"] * batch
-    r = _timed(lambda: pipe(prompts, seed=0, progress=False), repeats)
     d = recipe["defaults"]
-    return {
-        "fp16_folder_MB": size / 1e6,
-        "batch": batch,
-        "sampler": d["sampler"],
-        "steps": d["steps"],
-        "guidance_scale": d["guidance_scale"],
-        **r,
-        "s_per_image": r["median_s"] / batch,
-        "s_per_image_best": r["min_s"] / batch,
-    }
+    meta = {"fp16_MB": round(size / 1e6, 2), "images": batch, "sampler": d["sampler"], "steps": d["steps"]}
+    return (lambda: pipe(prompts, seed=0, progress=False)), meta
+
+
+UNITS = {"vae": vae_training_unit, "unet": unet_training_unit, "sample": sampling_unit}
 
 
 def _apply(recipe: dict, assignments: list[str]) -> None:
@@ -149,25 +126,67 @@ def _apply(recipe: dict, assignments: list[str]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default=str(HERE / "recipe.json"))
-    p.add_argument("--only", choices=["vae", "unet", "sample"], action="append")
+    p.add_argument("--only", choices=list(UNITS), action="append")
     p.add_argument("--impl", choices=["ours", "diffusers"], default="ours")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:SECTION.KEY=JSON;...",
+        help="also time the recipe with these overrides, interleaved with the others",
+    )
+    p.add_argument("--rounds", type=int, default=5, help="timed runs of each unit, interleaved")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    recipe = json.loads(Path(a.recipe).read_text())
-    _apply(recipe, a.set)
-    out = {"impl": a.impl, "threads": a.threads, "overrides": a.set}
-    only = a.only or ["vae", "unet", "sample"]
-    if "vae" in only:
-        out["vae_training"] = measure_vae_training(recipe, a.impl, a.repeats)
-    if "unet" in only:
-        out["unet_training"] = measure_unet_training(recipe, a.impl, a.repeats)
-    if "sample" in only:
-        out["sampling"] = measure_sampling(recipe, a.repeats)
-    print(json.dumps(out, indent=2))
+    base = json.loads(Path(a.recipe).read_text())
+    _apply(base, a.set)
+    variants = {"recipe": []}
+    for v in a.variant:
+        name, _, sets = v.partition(":")
+        variants[name] = [x for x in sets.split(";") if x]
+    units = {}
+    for vname, sets in variants.items():
+        recipe = json.loads(json.dumps(base))
+        _apply(recipe, sets)
+        for kind in a.only or list(UNITS):
+            fn, meta = UNITS[kind](recipe, a.impl)
+            fn()  # warm-up
+            units[(kind, vname)] = (fn, meta, [])
+    for _ in range(a.rounds):  # interleaved, so a busy spell of the shared machine hits all alike
+        for fn, _, times in units.values():
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    out = []
+    for (kind, vname), (_, meta, times) in units.items():
+        n = meta["images"]
+        row = {"unit": kind, "variant": vname, **meta}
+        row.update(min_s=round(min(times), 4), median_s=round(statistics.median(times), 4))
+        if kind == "sample":
+            row.update(
+                s_per_image_best=round(min(times) / n, 4), s_per_image_median=round(statistics.median(times) / n, 4)
+            )
+        else:
+            row.update(
+                images_per_s_best=round(n / min(times), 1), images_per_s_median=round(n / statistics.median(times), 1)
+            )
+        out.append(row)
+    print(
+        json.dumps(
+            {
+                "impl": a.impl,
+                "threads": a.threads,
+                "rounds": a.rounds,
+                "set": a.set,
+                "variants": variants,
+                "results": out,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -1,0 +1,170 @@
+"""Model folders for the benchmarks: the bundled model, or stand-ins built once and cached.
+
+The cache lives in `cache/benchmarks/` at the repository root (git-ignored); set LATENTDIFF_BENCH_CACHE
+to move it. Folders are written in diffusers layout, so both pipelines read the very same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("LATENTDIFF_BENCH_CACHE", ROOT / "cache" / "benchmarks"))
+BUNDLED = ROOT / "weights" / "shapes-tiny"
+RECIPE = ROOT / "training" / "recipes" / "default" / "recipe.json"
+
+# A small fallback when neither the bundled model nor the recipe exists (64x64 pixels, 16x16x4 latents).
+FALLBACK_RECIPE = {
+    "name": "bench-small",
+    "resolution": 64,
+    "seed": 0,
+    "tokenizer": {"vocab_size": 512, "model_max_length": 32, "min_frequency": 2},
+    "text_encoder": {
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 32,
+        "projection_dim": 128,
+    },
+    "vae": {
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "block_out_channels": [32, 64, 64],
+        "latent_channels": 4,
+        "norm_num_groups": 16,
+        "scaling_factor": 1.0,
+    },
+    "unet": {
+        "block_out_channels": [32, 64, 128],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": 4,
+        "norm_num_groups": 16,
+    },
+    "scheduler": {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+    },
+    "defaults": {"sampler": "dpmpp_2m", "steps": 25, "guidance_scale": 5.0, "height": 64, "width": 64},
+}
+
+
+def _jitter(module: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
+    """Perturb every parameter so zero-initialised layers do not hide differences."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def small_model() -> tuple[Path, str]:
+    """(folder, description) for benchmark row 1: bundled model > recipe stand-in > fallback config."""
+    if (BUNDLED / "model_index.json").is_file():
+        return BUNDLED, "bundled model weights/shapes-tiny"
+    if RECIPE.is_file():
+        recipe, what = json.loads(RECIPE.read_text()), f"random stand-in from {RECIPE.relative_to(ROOT)}"
+    else:
+        recipe, what = FALLBACK_RECIPE, "random stand-in from benchmarks/models.py FALLBACK_RECIPE"
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    key = f"{recipe['name']}-{digest}"
+    folder = CACHE / f"standin-{key}"
+    if not (folder / "model_index.json").is_file():
+        from latentdiff.pipeline import LatentDiffusionPipeline
+        from latentdiff.training.scratch import init_model_folder, shapes_captions
+
+        tmp = init_model_folder(recipe, shapes_captions(2000), None, folder.with_suffix(".tmp"))
+        pipe = LatentDiffusionPipeline.from_pretrained(tmp)
+        for i, m in enumerate((pipe.unet, pipe.vae)):
+            _jitter(m, recipe.get("seed", 0) + i)
+        pipe.save_pretrained(folder, dtype=torch.float16)
+        shutil.rmtree(tmp)
+    return folder, what
+
+
+def sd15_random() -> Path:
+    """An SD1.5-size folder with random weights (fp16 files), built with diffusers once and cached."""
+    folder = CACHE / "sd15-random"
+    if (folder / "model_index.json").is_file():
+        return folder
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from latentdiff.testing.tiny import byte_vocab_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = byte_vocab_tokenizer(tmp)
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,  # SD's size; the byte tokenizer's ids (< 520) are all inside it
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    for i, m in enumerate((unet, vae)):
+        _jitter(m, i)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = folder.with_suffix(".tmp")
+    pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    tmp.rename(folder)
+    return folder
+
+
+def params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Rebuild the bundled default model (weights/shapes-tiny) from nothing: Shapes data -> autoencoder ->
+# tokenizer + text encoder + U-Net. Every stage resumes from its newest checkpoint, so after an interruption
+# run this script again with the same settings. See README.md in this folder for the time plan.
+#
+#   bash training/recipes/default/run.sh                 # everything, into runs/default/
+#   RUN=/tmp/r VAE_STEPS=2 UNET_STEPS=2 SHAPES_COUNT=64 SHIP=0 bash training/recipes/default/run.sh  # smoke
+#
+# On a GPU nothing changes (Accelerate picks the device); add BATCH/steps to taste.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+HERE=training/recipes/default
+RECIPE=$HERE/recipe.json
+RUN=${RUN:-runs/default}
+PY=${PY:-python}
+# recipe SECTION [KEY]: a value of recipe.json, the one place the settings live
+recipe() { $PY -c "import json, sys; v = json.load(open('$RECIPE')); [v := v[k] for k in sys.argv[1:]]; print(v)" "$@"; }
+VAE_STEPS=${VAE_STEPS:-$(recipe vae_training max_steps)}
+UNET_STEPS=${UNET_STEPS:-$(recipe unet_training max_steps)}
+SHAPES_COUNT=${SHAPES_COUNT:-$(recipe unet_training shapes_count)}
+PROMPTS=(
+  "a red circle"
+  "three blue squares"
+  "a green triangle and a yellow star"
+  "a pink star above a cyan circle"
+  "an orange square to the left of a purple triangle on a black background"
+  "two yellow circles on a gray background"
+  "a blue star below a red square"
+  "four green stars"
+)
+
+# 1. the autoencoder: L1 + edge + KL, ~20 min on 2 CPU cores
+$PY training/train_vae.py --config $RECIPE --data shapes --output-dir $RUN/vae \
+  --max-steps "$VAE_STEPS" --batch-size "$(recipe vae_training batch_size)" --lr "$(recipe vae_training lr)" \
+  --lr-scheduler "$(recipe vae_training lr_scheduler)" --lr-warmup-steps "$(recipe vae_training lr_warmup_steps)" \
+  --kl-weight "$(recipe vae_training kl_weight)" --edge-weight "$(recipe vae_training edge_weight)" --checkpoint-every 250 --keep-checkpoints 2 --validate-every 250 \
+  --resume latest
+
+# 2. tokenizer trained on Shapes captions, random text encoder + U-Net, the trained VAE
+if [ ! -f $RUN/init/model_index.json ]; then
+  $PY -m latentdiff.training.scratch --recipe $RECIPE --vae $RUN/vae/vae --out $RUN/init
+fi
+
+# 3. U-Net and text encoder together, on cached latents of SHAPES_COUNT scenes, ~120 min on 2 CPU cores
+$PY training/train.py --model $RUN/init --data shapes --output-dir $RUN/unet --train-text-encoder \
+  --max-steps "$UNET_STEPS" --batch-size "$(recipe unet_training batch_size)" --resolution "$(recipe resolution)" \
+  --shapes-count "$SHAPES_COUNT" --cache-latents --learning-rate "$(recipe unet_training lr)" \
+  --lr-scheduler "$(recipe unet_training lr_scheduler)" --lr-warmup-steps "$(recipe unet_training lr_warmup_steps)" \
+  --max-grad-norm 1.0 --ema "$(recipe unet_training ema)" --caption-dropout "$(recipe unet_training caption_dropout)" \
+  --checkpoint-every 1000 --keep-checkpoints 2 --seed 0 \
+  --validate-every 2000 --validation-prompts "${PROMPTS[@]}" --save-dtype fp16 --resume latest
+
+# 4. ship it, with small logs for readers (SHIP=0: leave weights/ alone, e.g. for a smoke run)
+[ "${SHIP:-1}" = 1 ] || exit 0
+mkdir -p weights $HERE/logs
+rm -rf weights/shapes-tiny && cp -r $RUN/unet/final weights/shapes-tiny
+cp $RUN/vae/loss_curve.png $HERE/logs/vae_loss_curve.png
+cp $RUN/vae/reconstructions.png $HERE/logs/vae_reconstructions.png
+cp $RUN/unet/loss_curve.png $HERE/logs/unet_loss_curve.png
+cp $RUN/unet/validation/*.png $HERE/logs/ 2>/dev/null || true
+du -sh weights/shapes-tiny
