@@ -80,7 +80,9 @@ def small_model() -> tuple[Path, str]:
         recipe, what = json.loads(RECIPE.read_text()), f"random stand-in from {RECIPE.relative_to(ROOT)}"
     else:
         recipe, what = FALLBACK_RECIPE, "random stand-in from benchmarks/models.py FALLBACK_RECIPE"
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    model_keys = ("seed", "resolution", "tokenizer", "text_encoder", "vae", "unet", "scheduler", "defaults")
+    model_part = {k: recipe.get(k) for k in model_keys}  # training settings do not change the model
+    digest = hashlib.sha256(json.dumps(model_part, sort_keys=True).encode()).hexdigest()[:8]
     key = f"{recipe['name']}-{digest}"
     folder = CACHE / f"standin-{key}"
     if not (folder / "model_index.json").is_file():

@@ -6,6 +6,8 @@ Diffusion checkpoints load with strict=True.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +38,8 @@ def set_gradient_checkpointing(model: nn.Module, enabled: bool = True) -> None:
 class Attention(nn.Module):
     """Multi-head attention (Vaswani et al. 2017); cross-attention to a context when `context_dim` is set."""
 
+    _cache: dict | None = None  # set by inference_cache(): fused weights, context k and v of one call
+
     def __init__(
         self,
         query_dim: int,
@@ -61,8 +65,8 @@ class Attention(nn.Module):
             context = x if context is None else context
             q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         elif context is None:  # self-attention: q, k, v in one matmul
-            q, k, v = _fused_linear(self, x, self.to_q, self.to_k, self.to_v).chunk(3, dim=-1)
-        else:  # cross-attention: k, v of the (fixed) text context in one matmul, reused across steps
+            q, k, v = _fused_linear(self, "qkv", x, self.to_q, self.to_k, self.to_v).chunk(3, dim=-1)
+        else:  # cross-attention: k, v of the text context in one matmul (once per call in inference_cache)
             q, (k, v) = self.to_q(x), self._context_kv(context).chunk(2, dim=-1)
         q, k, v = (t.view(B, -1, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if self.upcast:  # softmax(QK^T) in float32 for half-precision weights (SD 2.1)
@@ -72,48 +76,52 @@ class Attention(nn.Module):
         return self.to_out[1](self.to_out[0](out))
 
     def _context_kv(self, context: torch.Tensor) -> torch.Tensor:
-        # The text context is the same tensor at every denoising step: at inference its k, v are kept
-        # (with a reference to it, so its memory cannot be reused by another tensor) until it changes.
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return _fused_linear(self, context, self.to_k, self.to_v)
-        key = (context._version, *_weights_key(self.to_k, self.to_v))
-        cached = self.__dict__.get("_kv_cache")
-        if cached is None or cached[0] is not context or cached[1] != key:
-            cached = (context, key, _fused_linear(self, context, self.to_k, self.to_v))
-            self.__dict__["_kv_cache"] = cached  # not a buffer: never in the state_dict
-        return cached[2]
+        # The text context is the same tensor at every denoising step: inside inference_cache its k, v are
+        # computed once (the cache holds a reference to it, so its memory cannot pass to another tensor).
+        if self._cache is None or torch.is_grad_enabled():
+            return _fused_linear(self, "kv", context, self.to_k, self.to_v)
+        hit = self._cache.get("context")
+        if hit is None or hit[0] is not context:
+            hit = self._cache["context"] = (context, _fused_linear(self, "kv", context, self.to_k, self.to_v))
+        return hit[1]
+
+
+@contextmanager
+def inference_cache(*models: nn.Module):
+    """Inside the block the models' weights are taken as constant (one pipeline call): fused q/k/v weights
+    and the text context's k, v are computed once and reused; everything is dropped on exit.
+    """
+    layers = [m for model in models for m in model.modules() if isinstance(m, (Attention, VAEAttention))]
+    previous = [m._cache for m in layers]
+    for m in layers:
+        m._cache = {}
+    try:
+        yield
+    finally:
+        for m, cache in zip(layers, previous):
+            m._cache = cache
 
 
 def _plain(*layers: nn.Module) -> bool:
-    """True if every layer is an nn.Linear whose forward may be replaced by a fused matmul."""
+    """True if every layer is an nn.Linear whose forward may be replaced by a fused matmul (not LoRA, no hooks)."""
     return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in layers)
 
 
-def _weights_key(*layers: nn.Linear) -> tuple:
-    """Identity of the layers' parameters: changes when they are replaced, moved or updated in place."""
-    return tuple((p.data_ptr(), p._version, p.dtype) for m in layers for p in (m.weight, m.bias) if p is not None)
+def _fused_linear(owner: nn.Module, name: str, x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
+    """`torch.cat([m(x) for m in layers], -1)` as one matmul (the Linear weights concatenated row-wise).
 
-
-def _fused_linear(owner: nn.Module, x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
-    """`torch.cat([m(x) for m in layers], -1)` as one matmul (Linear weights concatenated row-wise).
-
-    Under autograd the weights are concatenated on every call (gradients flow to each layer); at
-    inference the concatenation is cached on `owner` and rebuilt when any of the weights is replaced,
-    moved or updated in place (writes through `.data` bypass the version counter and are not seen).
+    The concatenation is made on every call (gradients flow to each layer), except inside inference_cache
+    without autograd, where it is made once and kept in `owner._cache[name]`.
     """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(m.weight.requires_grad for m in layers)):
+    cache = owner._cache if not torch.is_grad_enabled() else None
+    fused = cache.get(name) if cache is not None else None
+    if fused is None:
         weight = torch.cat([m.weight for m in layers])
         bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
-        return F.linear(x, weight, bias)
-    name = f"_fused_{len(layers)}"
-    key = _weights_key(*layers)
-    cached = owner.__dict__.get(name)
-    if cached is None or cached[0] != key:
-        weight = torch.cat([m.weight.detach() for m in layers])
-        bias = None if layers[0].bias is None else torch.cat([m.bias.detach() for m in layers])
-        cached = (key, weight, bias)
-        owner.__dict__[name] = cached  # plain attributes: not parameters, not in the state_dict
-    return F.linear(x, cached[1], cached[2])
+        fused = (weight, bias)
+        if cache is not None:
+            cache[name] = fused
+    return F.linear(x, *fused)
 
 
 class GEGLU(nn.Module):
@@ -232,6 +240,8 @@ class SpatialTransformer(Checkpointed):
 class VAEAttention(Checkpointed):
     """Single-head self-attention over the pixels of the VAE's coarsest feature map, with a residual."""
 
+    _cache: dict | None = None  # set by inference_cache(): fused q/k/v weights of one call
+
     def __init__(self, channels: int, norm_num_groups: int = 32, eps: float = 1e-6):
         super().__init__()
         self.group_norm = nn.GroupNorm(norm_num_groups, channels, eps=eps)
@@ -244,7 +254,7 @@ class VAEAttention(Checkpointed):
         B, C, H, W = x.shape
         h = self.group_norm(x.view(B, C, H * W)).transpose(1, 2)  # (B, HW, C)
         if _plain(self.to_q, self.to_k, self.to_v):
-            qkv = _fused_linear(self, h, self.to_q, self.to_k, self.to_v)[:, None]  # (B, 1, HW, 3C)
+            qkv = _fused_linear(self, "qkv", h, self.to_q, self.to_k, self.to_v)[:, None]  # (B, 1, HW, 3C)
             q, k, v = qkv.chunk(3, dim=-1)
         else:
             q, k, v = (proj(h)[:, None] for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)

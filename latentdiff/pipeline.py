@@ -12,6 +12,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from latentdiff import __version__, folders
+from latentdiff.attention import inference_cache
 from latentdiff.config import read_json, write_json
 from latentdiff.metadata import attach
 from latentdiff.samplers import SAMPLERS, make_sampler
@@ -221,17 +222,19 @@ class LatentDiffusionPipeline:
         x = torch.cat([torch.randn(shape, generator=g) for g in generators])
         x = (x * schedule.init_noise_sigma).to(self.device, self.dtype)
 
-        # 4. Reverse diffusion, with classifier-free guidance (Ho & Salimans 2022).
-        for i, t in enumerate(tqdm(schedule.timesteps, desc="denoising", disable=not progress, leave=False)):
-            model_in = schedule.scale_model_input(x, t)
-            if guided:
-                out_uncond, out_cond = self.unet(torch.cat([model_in, model_in]), t, context).chunk(2)
-                model_output = out_uncond + guidance_scale * (out_cond - out_uncond)
-            else:
-                model_output = self.unet(model_in, t, context)
-            x = schedule.step(model_output, t, x, generators=generators)
-            if callback is not None:
-                callback(i, t, x)
+        # 4. Reverse diffusion, with classifier-free guidance (Ho & Salimans 2022). The weights and the
+        #    context are fixed for the call: fused attention weights and the context's k, v are made once.
+        with inference_cache(self.unet):
+            for i, t in enumerate(tqdm(schedule.timesteps, desc="denoising", disable=not progress, leave=False)):
+                model_in = schedule.scale_model_input(x, t)
+                if guided:
+                    out_uncond, out_cond = self.unet(torch.cat([model_in, model_in]), t, context).chunk(2)
+                    model_output = out_uncond + guidance_scale * (out_cond - out_uncond)
+                else:
+                    model_output = self.unet(model_in, t, context)
+                x = schedule.step(model_output, t, x, generators=generators)
+                if callback is not None:
+                    callback(i, t, x)
 
         # 5. Latents -> pixels in [-1, 1] -> uint8, rounded as diffusers does.
         images = self.decode_latents(x)

@@ -114,9 +114,7 @@ def test_trained_vae_is_taken_as_is(tmp_path):
     vae = VAE(VAEConfig.from_dict(tiny_recipe()["vae"]))
     vae.config.scaling_factor = 0.5
     save_vae(vae, tmp_path / "run" / "vae")
-    out = init_model_folder(
-        tiny_recipe(), CAPTIONS, tmp_path / "run", tmp_path / "m"
-    )  # a folder holding vae/
+    out = init_model_folder(tiny_recipe(), CAPTIONS, tmp_path / "run", tmp_path / "m")  # a folder holding vae/
     assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == 0.5
     saved = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in vae.state_dict().items())
@@ -125,9 +123,7 @@ def test_trained_vae_is_taken_as_is(tmp_path):
 def test_inconsistent_recipe_is_refused(tmp_path):
     recipe = tiny_recipe()
     recipe["unet"]["cross_attention_dim"] = 32
-    with pytest.raises(
-        RecipeError, match="cross_attention_dim .32. must equal text_encoder hidden_size .16."
-    ):
+    with pytest.raises(RecipeError, match="cross_attention_dim .32. must equal text_encoder hidden_size .16."):
         init_model_folder(recipe, CAPTIONS, None, tmp_path / "m")
     del recipe["defaults"]
     with pytest.raises(RecipeError, match="missing \\['defaults'\\]"):
@@ -140,8 +136,6 @@ def test_cli(tmp_path, capsys):
     recipe.write_text(json.dumps(tiny_recipe()))
     assert main(["--recipe", str(recipe), "--out", str(tmp_path / "m"), "--num-captions", "50"]) == 0
     assert (tmp_path / "m" / "model_index.json").is_file()
-    assert (
-        main(["--recipe", str(recipe), "--vae", str(tmp_path / "nothing"), "--out", str(tmp_path / "n")]) == 1
-    )
+    assert main(["--recipe", str(recipe), "--vae", str(tmp_path / "nothing"), "--out", str(tmp_path / "n")]) == 1
     assert "no trained VAE" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()

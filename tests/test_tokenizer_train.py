@@ -28,9 +28,7 @@ def test_files_are_in_clip_layout(trained):
     symbols = byte_symbols()
     assert len(set(symbols)) == 256
     # CLIP's order: 256 bytes, the same with </w>, merges in order, then the two special tokens last
-    assert [t for t, i in sorted(vocab.items(), key=lambda kv: kv[1])][:512] == symbols + [
-        s + "</w>" for s in symbols
-    ]
+    assert [t for t, i in sorted(vocab.items(), key=lambda kv: kv[1])][:512] == symbols + [s + "</w>" for s in symbols]
     assert merges[0] == "#version: 0.2"
     assert len(vocab) == 512 + len(merges) - 1 + 2 == len(tok)
     assert vocab[BOS_TOKEN] == len(vocab) - 2 and vocab[EOS_TOKEN] == len(vocab) - 1

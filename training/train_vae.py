@@ -3,9 +3,7 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parent.parent)
-)  # this checkout's latentdiff, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's latentdiff, installed or not
 
 from latentdiff.training.vae_train import main  # noqa: E402
 

@@ -49,9 +49,7 @@ def check_recipe(recipe: dict[str, Any]) -> None:
         raise RecipeError(f"recipe is missing {missing}; it needs {list(RECIPE_KEYS)}")
     unknown = set(recipe["defaults"]) - DEFAULT_KEYS
     if unknown:
-        raise RecipeError(
-            f"recipe defaults: unknown keys {sorted(unknown)}; choose from {sorted(DEFAULT_KEYS)}"
-        )
+        raise RecipeError(f"recipe defaults: unknown keys {sorted(unknown)}; choose from {sorted(DEFAULT_KEYS)}")
     width = recipe["text_encoder"].get("hidden_size")
     cross = recipe["unet"].get("cross_attention_dim", width)
     if width is None:
@@ -205,9 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="shapes",
         help="where the tokenizer's captions come from: 'shapes' / 'shapes:SEED' or an image-caption folder",
     )
-    p.add_argument(
-        "--num-captions", type=int, default=None, help="Shapes scenes to caption (default: recipe)"
-    )
+    p.add_argument("--num-captions", type=int, default=None, help="Shapes scenes to caption (default: recipe)")
     return p
 
 

@@ -22,9 +22,7 @@ EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
 # CLIP's word splitter (transformers' CLIPTokenizer uses the same): contractions, letter runs, single
 # digits, runs of other non-space symbols.
-CLIP_SPLIT_PATTERN = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-)
+CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 def byte_symbols() -> list[str]:
@@ -105,9 +103,7 @@ def write_clip_tokenizer_files(folder: str | Path, merges: list[tuple[str, str]]
             tokens.append(a + b)
     tokens += [BOS_TOKEN, EOS_TOKEN]
     vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
-    vocab_path.write_text(
-        json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8"
-    )
+    vocab_path.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     merges_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return vocab_path, merges_path

@@ -154,9 +154,7 @@ def train_vae(args, log=print) -> dict:
         say(f"resumed from {resume_dir} at step {state.step}")
 
     # 3. data
-    dataset = build_dataset(
-        args.data, args.resolution, args.seed, args.shapes_count, args.max_image_pixels, say
-    )
+    dataset = build_dataset(args.data, args.resolution, args.seed, args.shapes_count, args.max_image_pixels, say)
     batches = ResumableBatches(
         len(dataset),
         args.batch_size,
@@ -278,10 +276,7 @@ def _held_out_pixels(args, dataset) -> torch.Tensor:
 def latent_scaling_factor(vae, pixels: torch.Tensor, batch_size: int = 64, generator=None) -> float:
     """1 / std of posterior samples z over `pixels` (Rombach et al. 2022, sec. G: unit-variance latents)."""
     zs = [
-        vae.encode(pixels[i : i + batch_size].to(next(vae.parameters()).device))
-        .sample(generator)
-        .float()
-        .cpu()
+        vae.encode(pixels[i : i + batch_size].to(next(vae.parameters()).device)).sample(generator).float().cpu()
         for i in range(0, len(pixels), batch_size)
     ]
     z = torch.cat(zs)
@@ -358,9 +353,7 @@ def _save(out_dir, state, vae, optimizer, lr_schedule, ema, generator, accelerat
         }
         ckpt.save_json(info, tmp / "state.json")
 
-    path = ckpt.write_checkpoint(
-        Path(out_dir), state.step, accelerator, write_shared, ckpt.rng_state(generator)
-    )
+    path = ckpt.write_checkpoint(Path(out_dir), state.step, accelerator, write_shared, ckpt.rng_state(generator))
     if accelerator.is_main_process:
         ckpt.prune(out_dir, args.keep_checkpoints)
     accelerator.wait_for_everyone()
@@ -384,15 +377,11 @@ def _restore(path: Path, vae, optimizer, lr_schedule, ema, generator, accelerato
     lr_schedule.load_state_dict(ckpt.load_torch(path / "lr_schedule.pt"))
     set_lr_for_step(optimizer, lr_schedule, info["step"])
     if ema is not None and (path / "ema.safetensors").is_file():
-        ema.load_state_dict(
-            {"shadow": ckpt.load_tensors(path / "ema.safetensors"), "num_updates": info["ema_updates"]}
-        )
+        ema.load_state_dict({"shadow": ckpt.load_tensors(path / "ema.safetensors"), "num_updates": info["ema_updates"]})
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     if rng_file.is_file():
         ckpt.set_rng_state(ckpt.load_torch(rng_file), generator)
-    state = VAERunState(
-        **{k: info[k] for k in ("step", "micro_batches", "nan_skipped", "nan_in_a_row", "losses")}
-    )
+    state = VAERunState(**{k: info[k] for k in ("step", "micro_batches", "nan_skipped", "nan_in_a_row", "losses")})
     if (info["num_processes"], info["batch_size"]) != (accelerator.num_processes, args.batch_size):
         state.micro_batches = math.ceil(
             info["micro_batches"]
@@ -414,9 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", default="shapes", help="'shapes' / 'shapes:SEED' or a folder of images")
     p.add_argument("--output-dir", required=True, help="checkpoints, logs and vae/ go here")
-    p.add_argument(
-        "--config", default=None, help="AutoencoderKL config.json or a recipe JSON with a 'vae' section"
-    )
+    p.add_argument("--config", default=None, help="AutoencoderKL config.json or a recipe JSON with a 'vae' section")
     p.add_argument("--max-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=16, help="images per process per step")
     p.add_argument("--learning-rate", "--lr", type=float, default=2e-4, dest="learning_rate")

@@ -42,7 +42,7 @@ if [ ! -f $RUN/init/model_index.json ]; then
 fi
 
 # 3. U-Net and text encoder together, on cached latents of SHAPES_COUNT scenes, ~120 min on 2 CPU cores
-$PY training/train.py --model $RUN/init --data shapes --output-dir $RUN/unet --train-text-encoder \
+$PY training/train.py --model $RUN/init --data shapes --output-dir $RUN/shapes-tiny --train-text-encoder \
   --max-steps "$UNET_STEPS" --batch-size "$(recipe unet_training batch_size)" --resolution "$(recipe resolution)" \
   --shapes-count "$SHAPES_COUNT" --cache-latents --learning-rate "$(recipe unet_training lr)" \
   --lr-scheduler "$(recipe unet_training lr_scheduler)" --lr-warmup-steps "$(recipe unet_training lr_warmup_steps)" \
@@ -53,9 +53,9 @@ $PY training/train.py --model $RUN/init --data shapes --output-dir $RUN/unet --t
 # 4. ship it, with small logs for readers (SHIP=0: leave weights/ alone, e.g. for a smoke run)
 [ "${SHIP:-1}" = 1 ] || exit 0
 mkdir -p weights $HERE/logs
-rm -rf weights/shapes-tiny && cp -r $RUN/unet/final weights/shapes-tiny
+rm -rf weights/shapes-tiny && cp -r $RUN/shapes-tiny/final weights/shapes-tiny
 cp $RUN/vae/loss_curve.png $HERE/logs/vae_loss_curve.png
 cp $RUN/vae/reconstructions.png $HERE/logs/vae_reconstructions.png
-cp $RUN/unet/loss_curve.png $HERE/logs/unet_loss_curve.png
-cp $RUN/unet/validation/*.png $HERE/logs/ 2>/dev/null || true
+cp $RUN/shapes-tiny/loss_curve.png $HERE/logs/unet_loss_curve.png
+cp $RUN/shapes-tiny/validation/*.png $HERE/logs/ 2>/dev/null || true
 du -sh weights/shapes-tiny
