@@ -245,7 +245,9 @@ class ShapesScenes(CaptionedImages):
         super().__init__([], resolution, caption_dropout=caption_dropout, seed=seed)
         from latentdiff.data.shapes import ShapesDataset
 
-        self.scenes = ShapesDataset(length, seed=scene_seed, size=resolution, paraphrase=True)
+        self.scenes = ShapesDataset(
+            length, seed=scene_seed, size=resolution, paraphrase=True, exclude=heldout_combinations()
+        )
         self._last: tuple[int, dict] | None = None
 
     def __len__(self) -> int:
@@ -262,6 +264,20 @@ class ShapesScenes(CaptionedImages):
 
     def caption(self, index: int) -> str:
         return self._scene(index)["text"]
+
+
+def heldout_combinations() -> set[str]:
+    """The held-out suite's two-object and position prompts, on any background: never drawn for training, so
+    that those categories measure compositions the model has not seen. (Single objects and counts are too
+    few to hold out: the suite necessarily repeats them.)"""
+    import dataclasses
+
+    from latentdiff.eval.captions import format_caption, heldout_prompts, parse_caption
+
+    return {
+        format_caption(dataclasses.replace(parse_caption(p), background=None))
+        for p in heldout_prompts(("two_objects", "position"))
+    }
 
 
 def parse_shapes_spec(spec: str) -> int | None:
