@@ -17,7 +17,7 @@ from latentdiff.config import read_json, write_json
 from latentdiff.metadata import attach
 from latentdiff.samplers import SAMPLERS, make_sampler
 from latentdiff.schedules import ScheduleConfig
-from latentdiff.text import encode_prompts
+from latentdiff.text import encode_prompts, save_tokenizer
 from latentdiff.unet import UNet, UNetConfig
 from latentdiff.vae import VAE, VAEConfig
 
@@ -83,9 +83,7 @@ class LatentDiffusionPipeline:
 
     # ---- folders -----------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(
-        cls, path: str | Path | None = None, device=None, dtype=None
-    ) -> LatentDiffusionPipeline:
+    def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None) -> LatentDiffusionPipeline:
         """Load a diffusers-layout folder (SD 1.x/2.x style, fp32 or fp16 safetensors); None: the bundled model."""
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -141,7 +139,7 @@ class LatentDiffusionPipeline:
             self.text_encoder.config.save_pretrained(str(tmp / "text_encoder"))
             text_weights = tmp / "text_encoder" / "model.safetensors"
             folders.save_weights(self.text_encoder, text_weights, dtype, prefix=CLIP_PREFIX)
-            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            save_tokenizer(self.tokenizer, tmp / "tokenizer")
             scheduler = self.scheduler_config.to_dict()
             scheduler["_class_name"] = folders.DIFFUSERS_SCHEDULERS[sampler]
             write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
@@ -316,6 +314,4 @@ def _seeds(seed, count: int) -> list[int]:
 
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:
     # transformers writes bookkeeping keys into config.json that its config class does not take.
-    return {
-        k: v for k, v in config.items() if k not in ("architectures", "transformers_version", "_name_or_path")
-    }
+    return {k: v for k, v in config.items() if k not in ("architectures", "transformers_version", "_name_or_path")}

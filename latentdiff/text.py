@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -45,3 +47,19 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int |
     hidden = out.hidden_states[-(clip_skip + 1)]
     # transformers 4 nests the CLIP layers under .text_model; transformers 5 does not.
     return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """Save a CLIP tokenizer with vocab.json + merges.txt beside tokenizer.json.
+
+    transformers 5 writes only tokenizer.json; older transformers and other SD tools read the two CLIP
+    files, so they are written from the tokenizer's own BPE model whenever save_pretrained left them out.
+    """
+    folder = Path(folder)
+    tokenizer.save_pretrained(str(folder))
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")

@@ -6,7 +6,6 @@ downloaded. The byte-level tokenizer knows every character, so any prompt tokeni
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,34 +16,12 @@ def byte_vocab_tokenizer(folder: str | Path, model_max_length: int = 77):
     """Write a CLIP-format tokenizer with one token per byte character and no merges."""
     from transformers import CLIPTokenizer
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = byte_characters()
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length
-    )
+    from latentdiff.training.tokenizer import write_clip_tokenizer_files
+
+    vocab, merges = write_clip_tokenizer_files(folder, merges=[])
+    tok = CLIPTokenizer(str(vocab), str(merges), model_max_length=model_max_length)
     tok.save_pretrained(str(folder))
     return tok
-
-
-def byte_characters() -> list[str]:
-    """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for the bytes 0..255, in byte order."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:  # bytes with no printable glyph are shifted past 255, in order
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
 
 
 SD1_UNET = dict(
