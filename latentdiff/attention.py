@@ -220,24 +220,21 @@ class SpatialTransformer(Checkpointed):
         )
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C)
-        h = _token_projection(self.proj_in, h, H, W)
+        B, _, H, W = x.shape
+        h = self.norm(x)
+        if not self.use_linear_projection:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, h.shape[1])  # (B, HW, C)
+        if self.use_linear_projection:
+            h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = _token_projection(self.proj_out, h, H, W)
-        return x + h.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
-
-
-def _token_projection(proj: nn.Module, h: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """proj on (B, HW, C) tokens; a 1x1 Conv2d (SD 1.x) is the same map as a Linear with its weight."""
-    if not isinstance(proj, nn.Conv2d):
-        return proj(h)
-    if type(proj) is nn.Conv2d and not (proj._forward_hooks or proj._forward_pre_hooks):
-        return F.linear(h, proj.weight.flatten(1), proj.bias)  # no NCHW round trip, no copy
-    B = h.shape[0]  # a wrapped or hooked conv: called on the feature map it expects
-    out = proj(h.view(B, H, W, -1).permute(0, 3, 1, 2).contiguous())
-    return out.permute(0, 2, 3, 1).reshape(B, H * W, -1)
+        if self.use_linear_projection:
+            h = self.proj_out(h)
+        h = h.reshape(B, H, W, h.shape[-1]).permute(0, 3, 1, 2)  # (B, C, H, W)
+        if not self.use_linear_projection:
+            h = self.proj_out(h.contiguous())
+        return x + h
 
 
 class VAEAttention(Checkpointed):
