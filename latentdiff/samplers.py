@@ -88,7 +88,7 @@ def _refuse_clip(config: ScheduleConfig, name: str) -> None:
         )
 
 
-def _vp_x0_eps(config: ScheduleConfig, model_output, x, alpha_bar):
+def predict_x0_eps(config: ScheduleConfig, model_output, x, alpha_bar):
     """(x0, eps) from the U-Net output, with x = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps."""
     beta_bar = 1 - alpha_bar
     if config.prediction_type == "epsilon":
@@ -127,7 +127,7 @@ class DDPM(Sampler):
         alpha_t = ab_t / ab_prev  # of the (possibly skipped) step t -> prev_t
         beta_t = 1 - alpha_t
         # 1. predict x0
-        x0, _ = _vp_x0_eps(self.config, model_output, x, ab_t)
+        x0, _ = predict_x0_eps(self.config, model_output, x, ab_t)
         # 2. posterior mean mu~(x_t, x0), eq. 7
         mean = (ab_prev**0.5 * beta_t / (1 - ab_t)) * x0 + (alpha_t**0.5 * (1 - ab_prev) / (1 - ab_t)) * x
         # 3. add sqrt(beta~_t) z, beta~_t = (1 - ab_prev) / (1 - ab_t) beta_t, except at t = 0
@@ -167,7 +167,7 @@ class DDIM(Sampler):
         ab_t = self.alphas_cumprod[t]
         ab_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         # 1. predicted x0 and eps
-        x0, eps = _vp_x0_eps(self.config, model_output, x, ab_t)
+        x0, eps = predict_x0_eps(self.config, model_output, x, ab_t)
         # 2. sigma_t(eta) = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev), eq. 16
         std = self.eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)) ** 0.5
         # 3. x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma_t^2) eps (+ sigma_t z), eq. 12
