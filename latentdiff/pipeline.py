@@ -100,7 +100,8 @@ class LatentDiffusionPipeline:
         tokenizer_dir = folders.component_dir(root, "tokenizer")
         scheduler_dir = folders.component_dir(root, "scheduler")
 
-        scheduler_config = ScheduleConfig.from_dict(read_json(scheduler_dir / "scheduler_config.json"))
+        scheduler_raw = read_json(scheduler_dir / "scheduler_config.json")
+        scheduler_config = ScheduleConfig.from_dict(scheduler_raw)
         unet = UNet(UNetConfig.from_dict(read_json(unet_dir / "config.json")))
         folders.load_weights(unet, unet_dir, "diffusion_pytorch_model")
         vae = VAE(VAEConfig.from_dict(read_json(vae_dir / "config.json")))
@@ -112,13 +113,16 @@ class LatentDiffusionPipeline:
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
 
         stored = folders.read_defaults(root)
+        defaults = dict(stored.get("defaults") or {})
+        if scheduler_raw.get("use_karras_sigmas") and "karras" not in defaults:
+            defaults["karras"] = True  # a diffusers folder that samples with Karras sigmas
         pipe = cls(
             unet,
             vae,
             text_encoder,
             tokenizer,
             scheduler_config,
-            defaults=stored.get("defaults"),
+            defaults=defaults,
             name=stored.get("name") or root.resolve().name,
             source=root,
         )
@@ -142,6 +146,8 @@ class LatentDiffusionPipeline:
             save_tokenizer(self.tokenizer, tmp / "tokenizer")
             scheduler = self.scheduler_config.to_dict()
             scheduler["_class_name"] = folders.DIFFUSERS_SCHEDULERS[sampler]
+            if self.defaults.get("karras"):  # diffusers then samples as our defaults do
+                scheduler["use_karras_sigmas"] = True
             write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
             write_json(tmp / folders.DEFAULTS_FILE, {"name": self.model_name, "defaults": self.defaults})
 
@@ -176,7 +182,7 @@ class LatentDiffusionPipeline:
         steps: int | None = None,
         guidance_scale: float | None = None,
         sampler: str | None = None,
-        karras: bool = False,
+        karras: bool | None = None,
         seed: int | list[int] | None = None,
         num_images_per_prompt: int = 1,
         clip_skip: int | None = None,
@@ -192,6 +198,8 @@ class LatentDiffusionPipeline:
         steps = self.defaults["steps"] if steps is None else steps
         guidance_scale = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         sampler_name = self.defaults["sampler"] if sampler is None else sampler
+        if karras is None:  # the stored default applies only to the stored sampler
+            karras = bool(self.defaults.get("karras")) and sampler_name == self.defaults["sampler"]
         self._check_call(height, width, steps, sampler_name, num_images_per_prompt)
         options = {"eta": eta} if sampler_name == "ddim" else {}
         schedule = make_sampler(sampler_name, self.scheduler_config, karras=karras, **options)

@@ -104,9 +104,7 @@ def test_no_guidance_matches_diffusers_and_runs_conditional_half_only(sd1):
     ours = pipe("a red circle", height=SIZE, width=SIZE, steps=3, guidance_scale=1.0, seed=5, progress=False)
     hook.remove()
     assert set(batch_sizes) == {1}
-    theirs = diffusers_images(
-        sd1, ["a red circle"], [5], "dpmpp_2m", num_inference_steps=3, guidance_scale=1.0
-    )
+    theirs = diffusers_images(sd1, ["a red circle"], [5], "dpmpp_2m", num_inference_steps=3, guidance_scale=1.0)
     assert np.abs(pixels(ours) - pixels(theirs)).max() <= 3
 
 
@@ -114,9 +112,7 @@ def test_image_in_batch_equals_image_alone_and_is_repeatable(sd1):
     pipe = LatentDiffusionPipeline.from_pretrained(sd1)
     common = dict(height=SIZE, width=SIZE, steps=3, sampler="euler_a", progress=False)
     batch = pipe(["a red circle", "a blue star"], seed=100, num_images_per_prompt=2, **common)
-    assert [im.info["parameters"].splitlines()[0] for im in batch] == ["a red circle"] * 2 + [
-        "a blue star"
-    ] * 2
+    assert [im.info["parameters"].splitlines()[0] for im in batch] == ["a red circle"] * 2 + ["a blue star"] * 2
     alone = pipe("a blue star", seed=103, **common)  # image k = 3 of the batch used seed 100 + 3
     assert np.array_equal(pixels(batch[3:]), pixels(alone))
     again = pipe(["a red circle", "a blue star"], seed=100, num_images_per_prompt=2, **common)
@@ -140,9 +136,7 @@ def test_parameters_text_in_a1111_format(sd1):
     lines = image.info["parameters"].splitlines()
     assert lines[0] == "a red circle"
     assert lines[1] == "Negative prompt: ugly"
-    assert lines[2].startswith(
-        f"Steps: 2, Sampler: dpmpp_2m, CFG scale: 7.5, Seed: 1234, Size: {SIZE}x{SIZE}, Model: "
-    )
+    assert lines[2].startswith(f"Steps: 2, Sampler: dpmpp_2m, CFG scale: 7.5, Seed: 1234, Size: {SIZE}x{SIZE}, Model: ")
     record = json.loads(image.info["latentdiff"])
     assert record["seed"] == 1234 and record["model_hash"]
 
@@ -160,18 +154,14 @@ def test_save_load_round_trip_and_diffusers_reads_our_folder(sd2, tmp_path, dtyp
     pipe = LatentDiffusionPipeline.from_pretrained(sd2)
     if dtype is not None:  # fp16 files: compare against the same weights rounded to fp16
         pipe = LatentDiffusionPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "half", dtype=dtype))
-    common = dict(
-        height=SIZE, width=SIZE, steps=3, guidance_scale=4.0, sampler="euler", seed=[7], progress=False
-    )
+    common = dict(height=SIZE, width=SIZE, steps=3, guidance_scale=4.0, sampler="euler", seed=[7], progress=False)
     before = pipe("a green triangle", **common)
     saved = pipe.save_pretrained(tmp_path / "saved", dtype=dtype)
     for name in ("vocab.json", "merges.txt", "tokenizer.json"):  # old and new transformers both read it
         assert (saved / "tokenizer" / name).is_file()
     after = LatentDiffusionPipeline.from_pretrained(saved)("a green triangle", **common)
     assert np.array_equal(pixels(before), pixels(after))
-    theirs = diffusers_images(
-        saved, ["a green triangle"], [7], "euler", num_inference_steps=3, guidance_scale=4.0
-    )
+    theirs = diffusers_images(saved, ["a green triangle"], [7], "euler", num_inference_steps=3, guidance_scale=4.0)
     assert np.abs(pixels(before) - pixels(theirs)).max() <= 3
 
 
@@ -285,3 +275,26 @@ def test_pickle_weights_are_refused(sd1, tmp_path, suffix):
     weights.rename(weights.with_suffix(suffix))
     with pytest.raises(ValueError, match="safetensors only"):
         LatentDiffusionPipeline.from_pretrained(broken)
+
+
+def test_stored_sampler_defaults_travel_to_diffusers(sd1, tmp_path):
+    import diffusers
+
+    pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+    pipe.defaults.update(sampler="euler", karras=True, steps=3, guidance_scale=3.0, height=SIZE, width=SIZE)
+    saved = pipe.save_pretrained(tmp_path / "m")
+    ours = LatentDiffusionPipeline.from_pretrained(saved)("a red circle", seed=[2], progress=False)
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(str(saved), safety_checker=None)
+    assert type(theirs.scheduler).__name__ == "EulerDiscreteScheduler" and theirs.scheduler.use_karras_sigmas
+    theirs.set_progress_bar_config(disable=True)
+    images = theirs(
+        "a red circle",
+        generator=[torch.Generator().manual_seed(2)],
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+    ).images
+    assert np.abs(pixels(ours) - pixels(images)).max() <= 3
+    plain = pipe("a red circle", seed=[2], karras=False, progress=False)
+    assert not np.array_equal(pixels(ours), pixels(plain))

@@ -12,6 +12,7 @@ image's own seed and settings, so the batching and the split never change an ima
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -60,7 +61,12 @@ def add_arguments(parser) -> None:
     add("--steps", type=int, help="denoising steps (default: the model's)")
     add("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
     add("--sampler", help="ddpm, ddim, euler, euler_a, heun, dpmpp_2m (default: the model's)")
-    add("--karras", action="store_true", help="Karras et al. sigmas (euler, euler_a, heun, dpmpp_2m)")
+    add(
+        "--karras",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Karras et al. sigmas (euler, euler_a, heun, dpmpp_2m) (default: the model's)",
+    )
     add("--seed", type=int, default=0, help="image k of the run uses SEED + k (default 0)")
     add("--width", type=int, help="image width in pixels (default: the model's)")
     add("--height", type=int, help="image height in pixels (default: the model's)")
@@ -202,7 +208,7 @@ def resolved_defaults(pipe) -> dict[str, Any]:
 
 def plan(jobs: list[PromptJob], args, defaults: dict[str, Any]) -> list[Task]:
     """Every image of the run in file order: line options > command-line options > model defaults."""
-    defaults = {"negative_prompt": "", **defaults}
+    defaults = {"negative_prompt": "", "karras": False, **defaults}
 
     def pick(line_value, cli_value, key):
         return line_value if line_value is not None else cli_value if cli_value is not None else defaults[key]
@@ -217,14 +223,12 @@ def plan(jobs: list[PromptJob], args, defaults: dict[str, Any]) -> list[Task]:
                     line=job.line,
                     index=index,
                     prompt=job.prompt,
-                    negative_prompt=job.negative_prompt
-                    if job.negative_prompt is not None
-                    else args.negative or "",
+                    negative_prompt=job.negative_prompt if job.negative_prompt is not None else args.negative or "",
                     seed=job.seed + index if job.seed is not None else args.seed + k,
                     steps=pick(job.steps, args.steps, "steps"),
                     guidance_scale=float(pick(job.guidance_scale, args.cfg, "guidance_scale")),
                     sampler=pick(job.sampler, args.sampler, "sampler"),
-                    karras=bool(args.karras),
+                    karras=bool(pick(None, args.karras, "karras")),
                     width=pick(job.width, args.width, "width"),
                     height=pick(job.height, args.height, "height"),
                 )
@@ -428,9 +432,7 @@ class _StopOnCtrlC:
         return False
 
 
-def _summary(
-    counts: dict, bad_lines: int, seconds: float, busy: float, interrupted: bool, rank, world
-) -> None:
+def _summary(counts: dict, bad_lines: int, seconds: float, busy: float, interrupted: bool, rank, world) -> None:
     """`seconds` is the whole wall time; s/image counts only the time spent making images."""
     who = f"[rank {rank}/{world}] " if world > 1 else ""
     per_image = f", {busy / counts['made']:.2f} s/image" if counts["made"] else ""
