@@ -64,14 +64,6 @@ FALLBACK_RECIPE = {
 }
 
 
-def _jitter(module: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
-    """Perturb every parameter so zero-initialised layers do not hide differences."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-
-
 def small_model() -> tuple[Path, str]:
     """(folder, description) for benchmark row 1: bundled model > recipe stand-in > fallback config."""
     if (BUNDLED / "model_index.json").is_file():
@@ -87,12 +79,13 @@ def small_model() -> tuple[Path, str]:
     folder = CACHE / f"standin-{key}"
     if not (folder / "model_index.json").is_file():
         from latentdiff.pipeline import LatentDiffusionPipeline
+        from latentdiff.testing.tiny import jitter
         from latentdiff.training.scratch import init_model_folder, shapes_captions
 
         tmp = init_model_folder(recipe, shapes_captions(2000), None, folder.with_suffix(".tmp"))
         pipe = LatentDiffusionPipeline.from_pretrained(tmp)
         for i, m in enumerate((pipe.unet, pipe.vae)):
-            _jitter(m, recipe.get("seed", 0) + i)
+            jitter(m, recipe.get("seed", 0) + i, scale=0.02)
         pipe.save_pretrained(folder, dtype=torch.float16)
         shutil.rmtree(tmp)
     return folder, what
@@ -105,10 +98,10 @@ def sd15_random() -> Path:
         return folder
     import tempfile
 
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from latentdiff.testing.tiny import byte_vocab_tokenizer
+    from latentdiff.testing.tiny import byte_vocab_tokenizer, jitter, sd_pipeline
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -143,25 +136,8 @@ def sd15_random() -> Path:
         )
     )
     for i, m in enumerate((unet, vae)):
-        _jitter(m, i)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        jitter(m, i, scale=0.02)
+    pipe = sd_pipeline(unet, vae, text, tokenizer)
     tmp = folder.with_suffix(".tmp")
     pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
     tmp.rename(folder)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from latentdiff.config import UnsupportedConfigError
+from latentdiff.folders import DIFFUSERS_SCHEDULERS
 from latentdiff.samplers import SAMPLERS, describe_samplers, make_sampler
 from latentdiff.schedules import ScheduleConfig
 
@@ -24,19 +25,11 @@ CONFIGS = {
     ),
     "sample": ScheduleConfig(prediction_type="sample", timestep_spacing="trailing"),
 }
-DIFFUSERS = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-}
 SHAPE = (2, 4, 6, 6)
 
 
 def reference(name: str, config: ScheduleConfig, karras: bool = False):
-    cls = getattr(diffusers, DIFFUSERS[name])
+    cls = getattr(diffusers, DIFFUSERS_SCHEDULERS[name])
     extra = {"use_karras_sigmas": True} if karras else {}
     return cls.from_config({**config.to_dict(), **extra})
 

@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from safetensors.torch import load_file
+from train_helpers import train_argv, write_captioned_images
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,31 +57,10 @@ def test_two_process_cpu_run_completes_and_its_checkpoint_resumes(tmp_path):
     model = save_tiny_pipeline(tmp_path / "model", "sd1")
     data = tmp_path / "data"
     data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):  # odd count: the two processes wrap into the next epoch at different points
-        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"image {i}")
+    # odd count: the two processes wrap into the next epoch at different points
+    write_captioned_images(data, 5, (20, 20), "image")
     out = tmp_path / "out"
-    common = [
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        "2",
-        "--checkpoint-every",
-        "2",
-        "--seed",
-        "0",
-        "--resolution",
-        "16",
-        "--learning-rate",
-        "1e-3",
-        "--ema",
-        "0.9",
-    ]
+    common = train_argv(model, data, out, "--batch-size", 2, "--checkpoint-every", 2, "--ema", 0.9)
 
     first = _launch([*common, "--max-steps", "2"])
     assert first.returncode == 0, first.stderr[-3000:]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from train_helpers import train_argv, write_captioned_images
 
 from latentdiff.training import checkpoint as ckpt
 from latentdiff.training.cli import main
@@ -33,39 +33,12 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"picture {i}")
-    return folder
+    return write_captioned_images(tmp_path_factory.mktemp("data"), 6, (20, 24), "picture")
 
 
 def run(model_dir, data_dir, out, *extra, steps=3, batch=2, every=0):
-    argv = [
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data_dir),
-        "--output-dir",
-        str(out),
-        "--max-steps",
-        str(steps),
-        "--batch-size",
-        str(batch),
-        "--checkpoint-every",
-        str(every),
-        "--seed",
-        "0",
-        "--resolution",
-        "16",
-        "--learning-rate",
-        "1e-3",
-        "--report-to",
-        "none",
-        *map(str, extra),
-    ]
-    return main(argv)
+    options = ("--max-steps", steps, "--batch-size", batch, "--checkpoint-every", every, "--report-to", "none")
+    return main(train_argv(model_dir, data_dir, out, *options, *extra))
 
 
 def unet_weights(folder):

@@ -7,7 +7,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from latentdiff.config import UnsupportedConfigError
-from latentdiff.testing.tiny import SD1_UNET, SD2_UNET, _jitter
+from latentdiff.testing.tiny import SD1_UNET, SD2_UNET, jitter
 from latentdiff.unet import UNet, UNetConfig
 
 TOL = 1e-4
@@ -41,7 +41,7 @@ def build_pair(name: str):
     kwargs, overrides, size = CASES[name]
     torch.manual_seed(0)
     ref = UNet2DConditionModel(**kwargs).eval()
-    _jitter(ref, 0)
+    jitter(ref, 1)
     ours = UNet(UNetConfig.from_dict({**dict(ref.config), **overrides})).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours, size

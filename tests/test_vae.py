@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from latentdiff.config import UnsupportedConfigError
-from latentdiff.testing.tiny import TINY_VAE, _jitter
+from latentdiff.testing.tiny import TINY_VAE, jitter
 from latentdiff.vae import VAE, DiagonalGaussian, VAEConfig
 
 TOL = 1e-4
@@ -20,7 +20,7 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 def build_pair(**overrides):
     torch.manual_seed(0)
     ref = AutoencoderKL(**{**TINY_VAE, **overrides}).eval()
-    _jitter(ref, 0)
+    jitter(ref, 1)
     ours = VAE(VAEConfig.from_dict(dict(ref.config))).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
@@ -90,9 +90,7 @@ def test_downsample_factor(pair):
 def test_config_round_trip_through_diffusers(pair):
     _, ours = pair
     rebuilt = AutoencoderKL.from_config(ours.config.to_dict())
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
-        k: v.shape for k, v in ours.state_dict().items()
-    }
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
     assert VAEConfig.from_dict(dict(rebuilt.config)) == ours.config
 
 

@@ -78,7 +78,7 @@ def tiny_diffusers_pipeline(style: str = "sd1", seed: int = 0, prediction_type: 
     import tempfile
 
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -89,6 +89,15 @@ def tiny_diffusers_pipeline(style: str = "sd1", seed: int = 0, prediction_type: 
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TINY_TEXT))
     if prediction_type is None:
         prediction_type = "epsilon" if style == "sd1" else "v_prediction"
+    for module in (unet, vae, text_encoder):
+        jitter(module, seed + 1)
+    return sd_pipeline(unet, vae, text_encoder, tokenizer, prediction_type)
+
+
+def sd_pipeline(unet, vae, text_encoder, tokenizer, prediction_type: str = "epsilon"):
+    """A StableDiffusionPipeline of these parts with SD's DDIM schedule and no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -98,8 +107,6 @@ def tiny_diffusers_pipeline(style: str = "sd1", seed: int = 0, prediction_type: 
         steps_offset=1,
         prediction_type=prediction_type,
     )
-    for module in (unet, vae, text_encoder):
-        _jitter(module, seed)
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
@@ -112,14 +119,14 @@ def tiny_diffusers_pipeline(style: str = "sd1", seed: int = 0, prediction_type: 
     )
 
 
-def _jitter(module, seed: int) -> None:
-    """Perturb every parameter: fresh diffusers models have zeroed output layers that hide mistakes."""
+def jitter(module, seed: int, scale: float = 0.05) -> None:
+    """Add seeded noise to every parameter: fresh diffusers models have zeroed layers that hide mistakes."""
     import torch
 
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def save_tiny_pipeline(folder: str | Path, style: str = "sd1", seed: int = 0, **kwargs) -> Path:

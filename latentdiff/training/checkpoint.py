@@ -154,6 +154,18 @@ def remove_stale_temporaries(out_dir: str | Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def prepare_output_dir(out_dir: Path, resume: str | None, accelerator, log) -> Path | None:
+    """Create `out_dir` (main process), clear a killed run's temporaries; the checkpoint to resume from, or None."""
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir)
+    accelerator.wait_for_everyone()
+    resume_dir = resolve_resume(resume, out_dir)
+    if resume == "latest" and resume_dir is None:
+        log(f"--resume latest: no checkpoint in {out_dir} yet; starting fresh")
+    return resume_dir
+
+
 # ---- the files of one checkpoint -------------------------------------------------------------------------
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(path))

@@ -14,8 +14,9 @@ from latentdiff.training import checkpoint as ckpt
 from latentdiff.training import losses
 from latentdiff.training.errors import NonFiniteLossError, TrainingError
 from latentdiff.training.feed import Collate, batch_context, batch_latents, build_dataset, cache_latents
-from latentdiff.training.models import Models, export, load_models, trainable_state
+from latentdiff.training.models import Models, as_pipeline, export, load_models, trainable_state
 from latentdiff.training.optim import build_lr_schedule, build_optimizer
+from latentdiff.training.progress import record_step, run_summary
 from latentdiff.training.sampler import ResumableBatches
 from latentdiff.training.state import RunState, restore, save
 
@@ -58,14 +59,7 @@ def train(args, log=None) -> dict:
 
 
 def _train(args, accelerator, out_dir: Path, log, set_seed) -> dict:
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(out_dir)
-    accelerator.wait_for_everyone()
-
-    resume_dir = ckpt.resolve_resume(args.resume, out_dir)
-    if args.resume == "latest" and resume_dir is None:
-        log(f"--resume latest: no checkpoint in {out_dir} yet; starting fresh")
+    resume_dir = ckpt.prepare_output_dir(out_dir, args.resume, accelerator, log)
 
     # 1. models; every process starts from the same weights (and the same LoRA init)
     set_seed(args.seed)
@@ -122,7 +116,6 @@ def _train(args, accelerator, out_dir: Path, log, set_seed) -> dict:
     names = list(models.trained)
     prepared = accelerator.prepare(*[models.trained[n] for n in names], optimizer)
     wrapped, optimizer = dict(zip(names, prepared[:-1])), prepared[-1]
-    trained_params = [p for g in optimizer.param_groups for p in g["params"]]
 
     # 5. resume
     generator = torch.Generator().manual_seed(args.seed * 1_000_003 + accelerator.process_index)
@@ -169,31 +162,14 @@ def _train(args, accelerator, out_dir: Path, log, set_seed) -> dict:
     while state.step < args.max_steps:
         t_step = time.perf_counter()
         loss, grad_norm = train_step(
-            args,
-            models,
-            wrapped,
-            optimizer,
-            stream,
-            generator,
-            alphas,
-            prediction_type,
-            trained_params,
-            accelerator,
-            state,
+            args, models, wrapped, optimizer, stream, generator, alphas, prediction_type, accelerator, state
         )
         finite = loss is not None
-        if finite:
-            if ema is not None:
-                ema.update()
-            state.nan_in_a_row = 0
-        else:
-            state.nan_skipped += 1
-            state.nan_in_a_row += 1
-            state.skipped_steps.append(state.step + 1)
-        lr_schedule.step()
-        state.step += 1
-        mean_loss = accelerator.reduce(loss.detach().reshape(1), "mean").item() if finite else math.nan
-        state.losses.append(mean_loss)
+        if finite and ema is not None:
+            ema.update()
+        mean_loss = record_step(state, loss, finite, lr_schedule, accelerator)
+        if not finite:
+            state.skipped_steps.append(state.step)
         step_time = time.perf_counter() - t_step
         if accelerator.is_main_process:
             logs = {
@@ -229,19 +205,10 @@ def _train(args, accelerator, out_dir: Path, log, set_seed) -> dict:
             validate(args, models, ema, accelerator, state.step, out_dir)
     bar.close()
     elapsed = time.perf_counter() - t0
-    steps_run = state.step - start_step
-    images_per_s = steps_run * images_per_step / elapsed if steps_run and elapsed > 0 else float("nan")
 
     # 8. the end: final model (EMA weights when on), loss curve
     accelerator.wait_for_everyone()
-    summary = {
-        "steps": state.step,
-        "steps_this_run": steps_run,
-        "seconds": elapsed,
-        "images_per_s": images_per_s,
-        "nan_skipped": state.nan_skipped,
-        "final_loss": state.losses[-1] if state.losses else None,
-    }
+    summary = run_summary(state, state.step - start_step, elapsed, images_per_step)
     if accelerator.is_main_process:
         if args.validate_every and args.validation_prompts and state.step % args.validate_every:
             validate(args, models, ema, accelerator, state.step, out_dir)
@@ -253,12 +220,9 @@ def _train(args, accelerator, out_dir: Path, log, set_seed) -> dict:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.save_dtype)
         summary["final"] = str(export(models, out_dir / "final", name=out_dir.resolve().name, dtype=dtype))
         if state.losses:
-            from latentdiff.training.validation import save_loss_curve
+            from latentdiff.training.validation import save_losses
 
-            summary["loss_curve"] = str(save_loss_curve(state.losses, out_dir / "loss_curve.png", state.skipped_steps))
-            (out_dir / "losses.csv").write_text(
-                "step,loss\n" + "".join(f"{i},{v}\n" for i, v in enumerate(state.losses, 1)), encoding="utf-8"
-            )
+            summary["loss_curve"] = str(save_losses(state.losses, out_dir, state.skipped_steps))
     accelerator.wait_for_everyone()
     return summary
 
@@ -272,7 +236,6 @@ def train_step(
     generator,
     alphas,
     prediction_type,
-    trained_params,
     accelerator,
     state: RunState,
 ):
@@ -309,6 +272,7 @@ def train_step(
     grad_norm = None
     if not skip:
         max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
+        trained_params = [p for g in optimizer.param_groups for p in g["params"]]
         norm = accelerator.clip_grad_norm_(trained_params, max_norm)
         grad_norm = float(norm) if norm is not None else None
         if accelerator.scaler is None and grad_norm is not None and not math.isfinite(grad_norm):
@@ -324,20 +288,10 @@ def validate(args, models: Models, ema, accelerator, step: int, out_dir: Path) -
     """A grid of --validation-prompts with fixed seeds (EMA weights when on), on the main process only."""
     if not accelerator.is_main_process:
         return
-    from latentdiff.pipeline import LatentDiffusionPipeline
     from latentdiff.training.validation import validation_grid
 
-    pipe = models.pipe
     modes = {n: m.training for n, m in models.trained.items()}
-    view = LatentDiffusionPipeline(
-        pipe.unet,
-        pipe.vae,
-        pipe.text_encoder,
-        pipe.tokenizer,
-        pipe.scheduler_config,
-        defaults=pipe.defaults,
-        name="validation",
-    )
+    view = as_pipeline(models, "validation")
     with ema.swapped_in() if ema is not None else contextlib.nullcontext(), accelerator.autocast():
         grid = validation_grid(
             view,

@@ -94,15 +94,12 @@ def load_trainable_state(models: Models, tensors: dict[str, torch.Tensor]) -> No
         p.copy_(tensors[key])
 
 
-def export(models: Models, path: str | Path, name: str, dtype: torch.dtype | None = None) -> Path:
-    """Write a model folder that LatentDiffusionPipeline.from_pretrained loads (LoRA merged; call at the end)."""
+def as_pipeline(models: Models, name: str):
+    """A LatentDiffusionPipeline named `name` over the run's modules as they are now (shared, not copied)."""
     from latentdiff.pipeline import LatentDiffusionPipeline
 
     pipe = models.pipe
-    if models.lora_rank:
-        for module in models.trained.values():
-            merge_lora(module)
-    out = LatentDiffusionPipeline(
+    return LatentDiffusionPipeline(
         pipe.unet,
         pipe.vae,
         pipe.text_encoder,
@@ -111,6 +108,14 @@ def export(models: Models, path: str | Path, name: str, dtype: torch.dtype | Non
         defaults=pipe.defaults,
         name=name,
     )
+
+
+def export(models: Models, path: str | Path, name: str, dtype: torch.dtype | None = None) -> Path:
+    """Write a model folder that LatentDiffusionPipeline.from_pretrained loads (LoRA merged; call at the end)."""
+    if models.lora_rank:
+        for module in models.trained.values():
+            merge_lora(module)
+    out = as_pipeline(models, name)
     out.vae.float()
     out.text_encoder.float()
     return out.save_pretrained(path, dtype=dtype)

@@ -115,19 +115,14 @@ def train_vae(args, log=print) -> dict:
     from accelerate.utils import set_seed
 
     from latentdiff.training.optim import build_lr_schedule, build_optimizer
+    from latentdiff.training.progress import record_step, run_summary
     from latentdiff.training.sampler import ResumableBatches
     from latentdiff.vae import VAE
 
     out_dir = Path(args.output_dir)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     say = log if accelerator.is_main_process else (lambda *a, **k: None)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(out_dir)
-    accelerator.wait_for_everyone()
-    resume_dir = ckpt.resolve_resume(args.resume, out_dir)
-    if args.resume == "latest" and resume_dir is None:
-        say(f"--resume latest: no checkpoint in {out_dir} yet; starting fresh")
+    resume_dir = ckpt.prepare_output_dir(out_dir, args.resume, accelerator, say)
 
     # 1. model, optimizer, schedule, EMA: the same on every process
     set_seed(args.seed)
@@ -197,15 +192,8 @@ def train_vae(args, log=print) -> dict:
             optimizer.step()
             if ema is not None:
                 ema.update()
-            state.nan_in_a_row = 0
-        else:
-            state.nan_skipped += 1
-            state.nan_in_a_row += 1
         optimizer.zero_grad(set_to_none=True)
-        lr_schedule.step()
-        state.step += 1
-        mean_loss = accelerator.reduce(loss.detach().reshape(1), "mean").item() if finite else math.nan
-        state.losses.append(mean_loss)
+        mean_loss = record_step(state, loss, finite, lr_schedule, accelerator)
         bar.set_postfix(
             loss=f"{mean_loss:.4f}",
             rec=f"{parts['rec']:.4f}",
@@ -225,17 +213,9 @@ def train_vae(args, log=print) -> dict:
             _reconstruction_grid(vae, ema, held_out, out_dir / "validation" / f"recon-{state.step:06d}.png")
     bar.close()
     elapsed = time.perf_counter() - t0
-    steps_run = state.step - start_step
 
     # 5. export: EMA weights when on, scaling factor from held-out latents
-    summary = {
-        "steps": state.step,
-        "steps_this_run": steps_run,
-        "seconds": elapsed,
-        "images_per_s": steps_run * images_per_step / elapsed if steps_run and elapsed > 0 else float("nan"),
-        "nan_skipped": state.nan_skipped,
-        "final_loss": state.losses[-1] if state.losses else None,
-    }
+    summary = run_summary(state, state.step - start_step, elapsed, images_per_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         vae.eval()
@@ -250,12 +230,9 @@ def train_vae(args, log=print) -> dict:
         summary["vae"] = str(save_vae(vae, out_dir / "vae"))
         _reconstruction_grid(vae, None, held_out, out_dir / "reconstructions.png")
         if state.losses:
-            from latentdiff.training.validation import save_loss_curve
+            from latentdiff.training.validation import save_losses
 
-            save_loss_curve(state.losses, out_dir / "loss_curve.png")
-            (out_dir / "losses.csv").write_text(
-                "step,loss\n" + "".join(f"{i},{v}\n" for i, v in enumerate(state.losses, 1)), encoding="utf-8"
-            )
+            save_losses(state.losses, out_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

@@ -66,3 +66,12 @@ def save_loss_curve(losses: list[float], path: str | Path, skipped: list[int] | 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def save_losses(losses: list[float], out_dir: Path, skipped: list[int] | None = None) -> Path:
+    """OUT/losses.csv (step,loss) and OUT/loss_curve.png; the curve's path."""
+    curve = save_loss_curve(losses, out_dir / "loss_curve.png", skipped)
+    (out_dir / "losses.csv").write_text(
+        "step,loss\n" + "".join(f"{i},{v}\n" for i, v in enumerate(losses, 1)), encoding="utf-8"
+    )
+    return curve
