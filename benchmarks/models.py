@@ -19,59 +19,12 @@ CACHE = Path(os.environ.get("LATENTDIFF_BENCH_CACHE", ROOT / "cache" / "benchmar
 BUNDLED = ROOT / "weights" / "shapes-tiny"
 RECIPE = ROOT / "training" / "recipes" / "default" / "recipe.json"
 
-# A small fallback when neither the bundled model nor the recipe exists (64x64 pixels, 16x16x4 latents).
-FALLBACK_RECIPE = {
-    "name": "bench-small",
-    "resolution": 64,
-    "seed": 0,
-    "tokenizer": {"vocab_size": 512, "model_max_length": 32, "min_frequency": 2},
-    "text_encoder": {
-        "hidden_size": 128,
-        "intermediate_size": 512,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 32,
-        "projection_dim": 128,
-    },
-    "vae": {
-        "down_block_types": ["DownEncoderBlock2D"] * 3,
-        "up_block_types": ["UpDecoderBlock2D"] * 3,
-        "block_out_channels": [32, 64, 64],
-        "latent_channels": 4,
-        "norm_num_groups": 16,
-        "scaling_factor": 1.0,
-    },
-    "unet": {
-        "block_out_channels": [32, 64, 128],
-        "layers_per_block": 1,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        "attention_head_dim": 4,
-        "norm_num_groups": 16,
-    },
-    "scheduler": {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "prediction_type": "epsilon",
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
-    },
-    "defaults": {"sampler": "dpmpp_2m", "steps": 25, "guidance_scale": 5.0, "height": 64, "width": 64},
-}
-
 
 def small_model() -> tuple[Path, str]:
-    """(folder, description) for benchmark row 1: bundled model > recipe stand-in > fallback config."""
+    """(folder, description) for benchmark row 1: the bundled model, else a random stand-in from its recipe."""
     if (BUNDLED / "model_index.json").is_file():
         return BUNDLED, "bundled model weights/shapes-tiny"
-    if RECIPE.is_file():
-        recipe, what = json.loads(RECIPE.read_text()), f"random stand-in from {RECIPE.relative_to(ROOT)}"
-    else:
-        recipe, what = FALLBACK_RECIPE, "random stand-in from benchmarks/models.py FALLBACK_RECIPE"
+    recipe, what = json.loads(RECIPE.read_text()), f"random stand-in from {RECIPE.relative_to(ROOT)}"
     model_keys = ("seed", "resolution", "tokenizer", "text_encoder", "vae", "unet", "scheduler", "defaults")
     model_part = {k: recipe.get(k) for k in model_keys}  # training settings do not change the model
     digest = hashlib.sha256(json.dumps(model_part, sort_keys=True).encode()).hexdigest()[:8]
