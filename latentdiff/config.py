@@ -17,9 +17,7 @@ class UnsupportedConfigError(ValueError):
     """A config key (or a value of it) that latentdiff does not implement: refusing beats a different model."""
 
 
-def from_config_dict(
-    cls: type[T], config: dict[str, Any], where: str, tolerated: dict[str, Any] | None = None
-) -> T:
+def from_config_dict(cls: type[T], config: dict[str, Any], where: str, tolerated: dict[str, Any] | None = None) -> T:
     """Build the dataclass `cls` from a diffusers config dict.
 
     Keys that are fields of `cls` are taken (lists become tuples). Keys in `tolerated` name features

@@ -99,9 +99,7 @@ def load_weights(
         )
 
 
-def _fit_prefix(
-    state: dict[str, torch.Tensor], module: torch.nn.Module, prefix: str
-) -> dict[str, torch.Tensor]:
+def _fit_prefix(state: dict[str, torch.Tensor], module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     module_has = any(k.startswith(prefix) for k in module.state_dict())
     file_has = any(k.startswith(prefix) for k in state)
     if module_has and not file_has:

@@ -40,9 +40,7 @@ def slugify(text: str, max_bytes: int = SLUG_MAX_BYTES, empty: str = "prompt") -
     return slug or empty
 
 
-def image_filename(
-    prompt: str, line: int, index: int, seed: int, max_slug_bytes: int = SLUG_MAX_BYTES
-) -> str:
+def image_filename(prompt: str, line: int, index: int, seed: int, max_slug_bytes: int = SLUG_MAX_BYTES) -> str:
     """The PNG name for image `index` (0-based) of the prompt on `line` (1-based), made with `seed`."""
     return f"{int(line):05d}-{int(index):02d}-{int(seed)}-{slugify(prompt, max_slug_bytes)}.png"
 

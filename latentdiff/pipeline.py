@@ -13,11 +13,13 @@ from tqdm.auto import tqdm
 
 from latentdiff import __version__, folders
 from latentdiff.attention import inference_cache
+from latentdiff.clip import CLIPTextEncoder, CLIPTextSettings
 from latentdiff.config import read_json, write_json
 from latentdiff.metadata import attach
 from latentdiff.samplers import SAMPLERS, make_sampler
 from latentdiff.schedules import ScheduleConfig
-from latentdiff.text import encode_prompts, save_tokenizer
+from latentdiff.text import encode_prompts
+from latentdiff.tokenizer import CLIPTokenizer
 from latentdiff.unet import UNet, UNetConfig
 from latentdiff.vae import VAE, VAEConfig
 
@@ -85,8 +87,6 @@ class LatentDiffusionPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None) -> LatentDiffusionPipeline:
         """Load a diffusers-layout folder (SD 1.x/2.x style, fp32 or fp16 safetensors); None: the bundled model."""
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
         if path is None:
             path = BUNDLED_MODEL
             if not path.is_dir():
@@ -106,11 +106,11 @@ class LatentDiffusionPipeline:
         folders.load_weights(unet, unet_dir, "diffusion_pytorch_model")
         vae = VAE(VAEConfig.from_dict(read_json(vae_dir / "config.json")))
         folders.load_weights(vae, vae_dir, "diffusion_pytorch_model")
-        text_config = CLIPTextConfig(**_text_config(read_json(text_dir / "config.json")))
-        text_encoder = CLIPTextModel(text_config)
+        text_raw = read_json(text_dir / "config.json")
+        text_encoder = CLIPTextEncoder(CLIPTextSettings.from_dict(text_raw, str(text_dir / "config.json")), text_raw)
         # Older transformers saved the position_ids buffer; newer ones rebuild it.
         folders.load_weights(text_encoder, text_dir, "model", ignore=("position_ids",), prefix=CLIP_PREFIX)
-        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+        tokenizer = CLIPTokenizer.from_folder(tokenizer_dir)
 
         stored = folders.read_defaults(root)
         defaults = dict(stored.get("defaults") or {})
@@ -140,10 +140,10 @@ class LatentDiffusionPipeline:
             folders.save_weights(self.unet, tmp / "unet" / "diffusion_pytorch_model.safetensors", dtype)
             write_json(tmp / "vae" / "config.json", self.vae.config.to_dict())
             folders.save_weights(self.vae, tmp / "vae" / "diffusion_pytorch_model.safetensors", dtype)
-            self.text_encoder.config.save_pretrained(str(tmp / "text_encoder"))
+            write_json(tmp / "text_encoder" / "config.json", self.text_encoder.config_dict())
             text_weights = tmp / "text_encoder" / "model.safetensors"
             folders.save_weights(self.text_encoder, text_weights, dtype, prefix=CLIP_PREFIX)
-            save_tokenizer(self.tokenizer, tmp / "tokenizer")
+            self.tokenizer.save(tmp / "tokenizer")
             scheduler = self.scheduler_config.to_dict()
             scheduler["_class_name"] = folders.DIFFUSERS_SCHEDULERS[sampler]
             if self.defaults.get("karras"):  # diffusers then samples as our defaults do
@@ -318,8 +318,3 @@ def _seeds(seed, count: int) -> list[int]:
     if len(seeds) != count:
         raise ValueError(f"got {len(seeds)} seeds for {count} images; give one seed or one per image")
     return seeds
-
-
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    # transformers writes bookkeeping keys into config.json that its config class does not take.
-    return {k: v for k, v in config.items() if k not in ("architectures", "transformers_version", "_name_or_path")}

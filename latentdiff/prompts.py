@@ -116,8 +116,7 @@ def read_prompt_file(path: str | Path) -> tuple[list[PromptJob], list[LineError]
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise PromptFileError(
-            f"{path}: unknown prompt file type {path.suffix or '(no suffix)'!r}; "
-            f"use one of {', '.join(SUFFIXES)}"
+            f"{path}: unknown prompt file type {path.suffix or '(no suffix)'!r}; use one of {', '.join(SUFFIXES)}"
         )
     try:
         data = path.read_bytes()

@@ -16,20 +16,14 @@ from latentdiff.schedules import (
 )
 
 
-def per_image_noise(
-    like: torch.Tensor, generators: list[torch.Generator] | None, dtype: torch.dtype
-) -> torch.Tensor:
+def per_image_noise(like: torch.Tensor, generators: list[torch.Generator] | None, dtype: torch.dtype) -> torch.Tensor:
     """N(0, I) noise shaped like `like`; image k comes from generators[k] alone (batch-size invariant)."""
     if generators is None:
         return torch.randn(like.shape, device=like.device, dtype=dtype)
     if len(generators) != like.shape[0]:
-        raise ValueError(
-            f"got {len(generators)} generators for a batch of {like.shape[0]}; pass one per image"
-        )
+        raise ValueError(f"got {len(generators)} generators for a batch of {like.shape[0]}; pass one per image")
     one = (1, *like.shape[1:])
-    return torch.cat([torch.randn(one, generator=g, device=g.device, dtype=dtype) for g in generators]).to(
-        like.device
-    )
+    return torch.cat([torch.randn(one, generator=g, device=g.device, dtype=dtype) for g in generators]).to(like.device)
 
 
 class Sampler:
@@ -294,9 +288,7 @@ def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class DPMSolverPP2M(Sampler):
     """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (first order at the first and last steps)."""
 
-    description = (
-        "DPM-Solver++(2M) (Lu et al. 2022): second-order multistep, deterministic; good at 20-25 steps"
-    )
+    description = "DPM-Solver++(2M) (Lu et al. 2022): second-order multistep, deterministic; good at 20-25 steps"
 
     def _set_timesteps(self, num_steps: int) -> None:
         cfg = self.config
@@ -361,9 +353,7 @@ def make_sampler(name: str, config: ScheduleConfig, karras: bool = False, **opti
     cls = SAMPLERS[name]
     unknown = sorted(set(options) - set(cls.options))
     if unknown:
-        raise ValueError(
-            f"sampler {name!r} has no option(s) {unknown}; it takes {list(cls.options) or 'none'}"
-        )
+        raise ValueError(f"sampler {name!r} has no option(s) {unknown}; it takes {list(cls.options) or 'none'}")
     return cls(config, karras=karras, **options)
 
 

@@ -55,9 +55,7 @@ class ScheduleConfig:
     num_train_timesteps: int = 1000  # T, number of discrete training timesteps
     beta_start: float = 0.0001  # beta_1
     beta_end: float = 0.02  # beta_T
-    beta_schedule: str = (
-        "linear"  # "linear" | "scaled_linear" (SD) | "squaredcos_cap_v2" (Nichol & Dhariwal 2021)
-    )
+    beta_schedule: str = "linear"  # "linear" | "scaled_linear" (SD) | "squaredcos_cap_v2" (Nichol & Dhariwal 2021)
     prediction_type: str = "epsilon"  # what the U-Net predicts: "epsilon" | "v_prediction" | "sample" (x0)
     timestep_spacing: str = "leading"  # "leading" | "trailing" | "linspace" (Lin et al. 2023, Table 2)
     steps_offset: int = 0  # added to "leading" timesteps (SD uses 1)
@@ -67,9 +65,7 @@ class ScheduleConfig:
     clip_sample: bool = False
     clip_sample_range: float = 1.0  # clamp range when clip_sample
     set_alpha_to_one: bool = True  # DDIM: alpha_cumprod "before t=0" is 1 (else alphas_cumprod[0])
-    sample_max_value: float = (
-        1.0  # dynamic-thresholding ceiling (thresholding is refused; kept for round trip)
-    )
+    sample_max_value: float = 1.0  # dynamic-thresholding ceiling (thresholding is refused; kept for round trip)
 
     def __post_init__(self):
         for key, allowed in (
@@ -79,13 +75,10 @@ class ScheduleConfig:
         ):
             if getattr(self, key) not in allowed:
                 raise UnsupportedConfigError(
-                    f"scheduler config: {key} = {getattr(self, key)!r} is not supported; "
-                    f"choose from {list(allowed)}"
+                    f"scheduler config: {key} = {getattr(self, key)!r} is not supported; choose from {list(allowed)}"
                 )
         if self.num_train_timesteps < 2:
-            raise UnsupportedConfigError(
-                f"scheduler config: num_train_timesteps = {self.num_train_timesteps} < 2"
-            )
+            raise UnsupportedConfigError(f"scheduler config: num_train_timesteps = {self.num_train_timesteps} < 2")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "scheduler_config.json") -> ScheduleConfig:
@@ -144,9 +137,7 @@ def make_betas(config: ScheduleConfig) -> torch.Tensor:
     elif config.beta_schedule == "squaredcos_cap_v2":
         betas = cosine_betas(T)
     else:
-        raise UnsupportedConfigError(
-            f"beta_schedule {config.beta_schedule!r}; choose from {list(BETA_SCHEDULES)}"
-        )
+        raise UnsupportedConfigError(f"beta_schedule {config.beta_schedule!r}; choose from {list(BETA_SCHEDULES)}")
     if config.rescale_betas_zero_snr:
         betas = rescale_zero_terminal_snr(betas)
     return betas
@@ -177,9 +168,7 @@ def spaced_timesteps(config: ScheduleConfig, num_steps: int) -> np.ndarray:
         return (np.arange(num_steps) * (T // num_steps))[::-1].astype(np.float64) + config.steps_offset
     if config.timestep_spacing == "trailing":
         return np.round(np.arange(T, 0, -T / num_steps)) - 1
-    raise UnsupportedConfigError(
-        f"timestep_spacing {config.timestep_spacing!r}; choose from {list(TIMESTEP_SPACINGS)}"
-    )
+    raise UnsupportedConfigError(f"timestep_spacing {config.timestep_spacing!r}; choose from {list(TIMESTEP_SPACINGS)}")
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
@@ -193,9 +182,7 @@ def sigma_to_timestep(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.nd
     """Fractional timesteps of `sigmas`, interpolating log(sigma) linearly over the training table."""
     log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
     # index of the last training log-sigma <= log_sigma (the table ascends with t), kept inside [0, T-2]
-    low = np.clip(
-        np.searchsorted(log_train_sigmas, log_sigma, side="right") - 1, 0, len(log_train_sigmas) - 2
-    )
+    low = np.clip(np.searchsorted(log_train_sigmas, log_sigma, side="right") - 1, 0, len(log_train_sigmas) - 2)
     lo, hi = log_train_sigmas[low], log_train_sigmas[low + 1]
     w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
     return (1 - w) * low + w * (low + 1)
@@ -207,9 +194,7 @@ def _per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> to
     return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def add_noise(
-    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor
-) -> torch.Tensor:
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps; Ho et al. 2020 eq. 4 (q(x_t | x_0))."""
     ab = _per_sample(alphas_cumprod, t, x0)  # cast to x0's dtype first, as diffusers
     return ab**0.5 * x0 + (1 - ab) ** 0.5 * noise

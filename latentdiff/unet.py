@@ -104,13 +104,9 @@ class UNetConfig:
                 if value not in allowed:
                     raise UnsupportedConfigError(f"{key}: {value!r} is not supported; choose from {allowed}")
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(
-                f"down_block_types and up_block_types need one entry per block_out_channels ({n})"
-            )
+            raise ValueError(f"down_block_types and up_block_types need one entry per block_out_channels ({n})")
         if any(not isinstance(k, int) for k in per_level(self.transformer_layers_per_block, n)):
-            raise UnsupportedConfigError(
-                "transformer_layers_per_block: nested (asymmetric) values are not supported"
-            )
+            raise UnsupportedConfigError("transformer_layers_per_block: nested (asymmetric) values are not supported")
         activation(self.act_fn)
 
     @property
@@ -138,9 +134,7 @@ class UNetConfig:
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:
     """Sinusoidal embedding of (B,) timesteps (Vaswani et al. 2017, as in DDPM): (B, dim)."""
     half = dim // 2
-    exponent = (
-        -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
-    )
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
     angles = t[:, None].float() * torch.exp(exponent)[None, :]
     sin, cos = torch.sin(angles), torch.cos(angles)
     emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
@@ -300,9 +294,7 @@ class UNet(nn.Module):
         ch = cfg.block_out_channels
         n = len(ch)
         layers = per_level(cfg.layers_per_block, n)
-        self.conv_in = nn.Conv2d(
-            cfg.in_channels, ch[0], cfg.conv_in_kernel, padding=(cfg.conv_in_kernel - 1) // 2
-        )
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], cfg.conv_in_kernel, padding=(cfg.conv_in_kernel - 1) // 2)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, cfg.act_fn)
 
         self.down_blocks = nn.ModuleList()
@@ -321,15 +313,11 @@ class UNet(nn.Module):
             prev = ch[min(i + 1, n - 1)]
             skips = [skip_channels.pop() for _ in range(layers[i] + 1)]
             in_channels = [(prev if k == 0 else ch[i]) + s for k, s in enumerate(skips)]
-            self.up_blocks.append(
-                Level(cfg, i, in_channels, ch[i], attn=block_type.startswith("CrossAttn"), up=True)
-            )
+            self.up_blocks.append(Level(cfg, i, in_channels, ch[i], attn=block_type.startswith("CrossAttn"), up=True))
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_act = activation(cfg.act_fn)
-        self.conv_out = nn.Conv2d(
-            ch[0], cfg.out_channels, cfg.conv_out_kernel, padding=(cfg.conv_out_kernel - 1) // 2
-        )
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, padding=(cfg.conv_out_kernel - 1) // 2)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute resnets and transformers in the backward pass (training mode only) to save memory."""

@@ -85,11 +85,7 @@ class DiagonalGaussian:
         if other is None:
             return 0.5 * torch.sum(self.mean**2 + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
         return 0.5 * torch.sum(
-            (self.mean - other.mean) ** 2 / other.var
-            + self.var / other.var
-            - 1.0
-            - self.logvar
-            + other.logvar,
+            (self.mean - other.mean) ** 2 / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar,
             dim=[1, 2, 3],
         )
 
@@ -99,9 +95,7 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            ResBlock(channels, channels, None, groups, EPS, act_fn) for _ in range(2)
-        )
+        self.resnets = nn.ModuleList(ResBlock(channels, channels, None, groups, EPS, act_fn) for _ in range(2))
         self.attentions = nn.ModuleList([VAEAttention(channels, groups, EPS)] if add_attention else [])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -114,9 +108,7 @@ class MidBlock(nn.Module):
 class Level(nn.Module):
     """Resnets at one resolution, then an optional stride-2 downsampler or x2 upsampler."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, num_layers: int, cfg: VAEConfig, resample: str | None
-    ):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, cfg: VAEConfig, resample: str | None):
         super().__init__()
         groups, act = cfg.norm_num_groups, cfg.act_fn
         self.resnets = nn.ModuleList(
@@ -144,8 +136,7 @@ class Encoder(nn.Module):
         ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, cfg, "down" if i < n - 1 else None)
-            for i in range(n)
+            Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, cfg, "down" if i < n - 1 else None) for i in range(n)
         )
         self.mid_block = MidBlock(ch[-1], cfg.norm_num_groups, cfg.act_fn, cfg.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[-1], eps=EPS)

@@ -263,5 +263,5 @@ def record_cross_attention(unet):
 
 def prompt_tokens(tokenizer, prompt: str) -> list[str]:
     """The prompt's tokens as the text encoder sees them, without BOS/EOS/padding; index i is context row i+1."""
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    return [t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(ids[1:-1])]
+    ids = tokenizer.token_ids([prompt])[0][: tokenizer.model_max_length - 2]
+    return [t.replace("</w>", "") for t in tokenizer.tokens(ids)]

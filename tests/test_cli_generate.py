@@ -127,8 +127,7 @@ def test_jsonl_csv_images_per_line_batching_and_grid(model, tmp_path, monkeypatc
     monkeypatch.setattr(LatentDiffusionPipeline, "__call__", spy)
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text(
-        '{"prompt": "a", "images": 3, "seed": 100}\n{"prompt": "b", "width": 16}\n'
-        '{"prompt": "c"}\n{"oops": 1}\n'
+        '{"prompt": "a", "images": 3, "seed": 100}\n{"prompt": "b", "width": 16}\n{"prompt": "c"}\n{"oops": 1}\n'
     )
     out = tmp_path / "out"
     assert generate(jsonl, "--model", model, "--out", out, "--batch-size", "2", "--grid", *FAST) == 1
@@ -225,9 +224,7 @@ def test_hostile_prompt_stays_inside_out(model, tmp_path):
     assert generate("-p", "../../../escape/CON\x00.png", "--model", model, "--out", out, *FAST) == 0
     (row,) = manifest(out)
     assert (out / row["file"]).is_file() and row["file"] == "00001-00-0-escape-con-png.png"
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(
-        [row["file"], "manifest.jsonl"]
-    )
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted([row["file"], "manifest.jsonl"])
 
 
 @pytest.mark.parametrize(

@@ -299,9 +299,7 @@ def test_cli_eval_model(tmp_path, monkeypatch, capsys):
     )
     assert FakePipeline.calls[2][1:3] == (["a pink square on a gray background"], 14)
     report = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert (
-        report["n"] == 6 and report["categories"]["single"] == 0.5 and report["categories"]["counting"] == 1.0
-    )
+    assert report["n"] == 6 and report["categories"]["single"] == 0.5 and report["categories"]["counting"] == 1.0
     manifest = (tmp_path / "o" / "manifest.jsonl").read_text().splitlines()
     assert len(manifest) == 6 and (tmp_path / "o" / json.loads(manifest[5])["file"]).is_file()
     # the generated folder can be scored again as it is

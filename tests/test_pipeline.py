@@ -157,7 +157,7 @@ def test_save_load_round_trip_and_diffusers_reads_our_folder(sd2, tmp_path, dtyp
     common = dict(height=SIZE, width=SIZE, steps=3, guidance_scale=4.0, sampler="euler", seed=[7], progress=False)
     before = pipe("a green triangle", **common)
     saved = pipe.save_pretrained(tmp_path / "saved", dtype=dtype)
-    for name in ("vocab.json", "merges.txt", "tokenizer.json"):  # old and new transformers both read it
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):  # what old and new transformers read
         assert (saved / "tokenizer" / name).is_file()
     after = LatentDiffusionPipeline.from_pretrained(saved)("a green triangle", **common)
     assert np.array_equal(pixels(before), pixels(after))

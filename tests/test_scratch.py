@@ -64,7 +64,7 @@ def test_folder_loads_and_generates_with_stored_defaults(folder):
     assert pipe.defaults["sampler"] == "euler" and pipe.defaults["steps"] == 3
     assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
     assert pipe.text_encoder.config.max_position_embeddings == pipe.tokenizer.model_max_length == 12
-    assert pipe.text_encoder.config.eos_token_id == pipe.tokenizer.eos_token_id
+    assert pipe.text_encoder.config_dict()["eos_token_id"] == pipe.tokenizer.eos_token_id
     assert pipe.unet.config.cross_attention_dim == 16 and pipe.unet.config.sample_size == 16
     (image,) = pipe("a red circle", seed=0, progress=False)
     assert image.size == (32, 32)

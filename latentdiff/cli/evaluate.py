@@ -12,9 +12,7 @@ def add_arguments(parser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder written by `latentdiff generate` (reads its manifest.jsonl)")
     source.add_argument("--model", help="model folder (or id) to generate with, then score")
-    parser.add_argument(
-        "--out", required=True, help="folder for results.jsonl, report.json, contact_sheet.png"
-    )
+    parser.add_argument("--out", required=True, help="folder for results.jsonl, report.json, contact_sheet.png")
     parser.add_argument(
         "--prompts", help="with --model: canonical prompts, one a line (default: the bundled held-out suite)"
     )
@@ -22,9 +20,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="with --model: image i of the run gets seed + i")
     parser.add_argument("--batch-size", type=int, default=8, help="with --model: prompts per pipeline call")
     parser.add_argument("--steps", type=int, help="with --model: sampling steps (default: the pipeline's)")
-    parser.add_argument(
-        "--guidance-scale", type=float, help="with --model: guidance_scale (default: the pipeline's)"
-    )
+    parser.add_argument("--guidance-scale", type=float, help="with --model: guidance_scale (default: the pipeline's)")
 
 
 def read_manifest(folder: Path) -> tuple[list[str], list[str]]:
@@ -42,9 +38,7 @@ def read_manifest(folder: Path) -> tuple[list[str], list[str]]:
             entry = json.loads(line)
             file, prompt = entry["file"], entry["prompt"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(
-                f"{manifest}, line {lineno}: need a JSON object with 'file' and 'prompt' ({e})"
-            ) from None
+            raise UserError(f"{manifest}, line {lineno}: need a JSON object with 'file' and 'prompt' ({e})") from None
         try:
             parse_caption(prompt)
         except ValueError as e:
@@ -86,9 +80,7 @@ def generate(args, prompts: list[str], out: Path) -> tuple[list[str], list, list
                 files.append(file)
                 images.append(image)
                 image_prompts.append(prompt)
-            print(
-                f"generated {min(start + args.batch_size, len(prompts))}/{len(prompts)} prompts", flush=True
-            )
+            print(f"generated {min(start + args.batch_size, len(prompts))}/{len(prompts)} prompts", flush=True)
     return files, images, image_prompts
 
 

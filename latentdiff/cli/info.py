@@ -11,12 +11,8 @@ from latentdiff.cli import UserError
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument(
-        "model", nargs="?", metavar="MODEL", help="diffusers-layout folder (default: bundled model)"
-    )
-    parser.add_argument(
-        "--no-hash", action="store_true", help="skip hashing the weights (fast on big models)"
-    )
+    parser.add_argument("model", nargs="?", metavar="MODEL", help="diffusers-layout folder (default: bundled model)")
+    parser.add_argument("--no-hash", action="store_true", help="skip hashing the weights (fast on big models)")
 
 
 def run(args) -> int:
@@ -56,10 +52,7 @@ def run(args) -> int:
         if native:
             defaults.setdefault("height", native)
             defaults.setdefault("width", native)
-    print(
-        "\ndefaults"
-        + ("" if stored.get("defaults") else f" (none stored in {folders.DEFAULTS_FILE}; latentdiff's)")
-    )
+    print("\ndefaults" + ("" if stored.get("defaults") else f" (none stored in {folders.DEFAULTS_FILE}; latentdiff's)"))
     for key in sorted(defaults):
         print(f"  {key:<15} {defaults[key]}")
     scheduler = root / "scheduler" / "scheduler_config.json"

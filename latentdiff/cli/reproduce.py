@@ -31,9 +31,7 @@ def run(args) -> int:
     except (OSError, UnidentifiedImageError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
     if not record:
-        raise UserError(
-            f"{path} has no latentdiff metadata chunk; only images latentdiff wrote can be reproduced"
-        )
+        raise UserError(f"{path} has no latentdiff metadata chunk; only images latentdiff wrote can be reproduced")
 
     model = args.model or record.get("model_path")
     if model and not Path(model).is_dir() and not args.model:

@@ -29,8 +29,5 @@ def run(args) -> int:
     start = time.perf_counter()
     path = write_dataset(args.out, args.count, seed=args.seed, size=args.size, paraphrase=args.paraphrase)
     seconds = time.perf_counter() - start
-    print(
-        f"wrote {args.count} images and {path} in {seconds:.1f} s "
-        f"({args.count / max(seconds, 1e-9):.0f} images/s)"
-    )
+    print(f"wrote {args.count} images and {path} in {seconds:.1f} s ({args.count / max(seconds, 1e-9):.0f} images/s)")
     return 0

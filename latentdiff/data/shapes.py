@@ -51,9 +51,7 @@ SHAPES = SHAPE_NAMES
 RELATIONS = tuple(RELATION_WORDS)
 assert tuple(COLORS) == COLOR_NAMES and tuple(BACKGROUNDS) == BACKGROUND_NAMES
 
-STAR_INNER_RATIO = (
-    0.45  # inner / outer radius of the star (0.38 is the regular pentagram; fatter reads better)
-)
+STAR_INNER_RATIO = 0.45  # inner / outer radius of the star (0.38 is the regular pentagram; fatter reads better)
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased, and interiors keep the exact palette colour
 # Object widths as fractions of the canvas, per scene kind: (min, max). 12/64 = 0.1875, 16/64 = 0.25.
 SIZE_RANGE = {"one": (0.25, 0.45), "two": (0.25, 0.36), "many": (0.1875, 0.26)}
@@ -109,9 +107,7 @@ class Scene:
             return Prompt(((first.color, first.shape),), count=len(self.objects), background=bg)
         if self.relation is not None:
             a, b = self.objects[self.relation["a"]], self.objects[self.relation["b"]]
-            return Prompt(
-                ((a.color, a.shape), (b.color, b.shape)), relation=self.relation["type"], background=bg
-            )
+            return Prompt(((a.color, a.shape), (b.color, b.shape)), relation=self.relation["type"], background=bg)
         second = self.objects[1]
         return Prompt(((first.color, first.shape), (second.color, second.shape)), background=bg)
 
@@ -198,9 +194,7 @@ def _place(rng, objects: list[ShapeObject], canvas: int, relation: str | None, t
 def relation_holds(a: ShapeObject, b: ShapeObject, relation: str, canvas: int) -> bool:
     """The spec's test for a generated pair: a is `relation` b, clearly (offset >= 12%, slant <= 0.5)."""
     dx, dy = b.cx - a.cx, b.cy - a.cy  # b relative to a
-    along, across = {"left_of": (dx, dy), "right_of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[
-        relation
-    ]
+    along, across = {"left_of": (dx, dy), "right_of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
     return along >= MIN_RELATION_OFFSET * canvas and abs(across) <= MAX_RELATION_SLANT * along
 
 
@@ -285,9 +279,7 @@ _DIGITS = {2: "2", 3: "3", 4: "4"}
 
 def _phrase(rng, color: str, shape: str) -> str:
     article = "an" if color[0] in "aeiou" else "a"
-    return [f"{article} {color} {shape}", f"{article} {color} {shape}", f"one {color} {shape}"][
-        rng.integers(3)
-    ]
+    return [f"{article} {color} {shape}", f"{article} {color} {shape}", f"one {color} {shape}"][rng.integers(3)]
 
 
 def caption(scene: Scene, rng=None, paraphrase: bool = False) -> str:

@@ -42,9 +42,7 @@ class Prompt:
 
     objects: tuple[tuple[str, str], ...]  # (color, shape) of each distinct object, in caption order
     count: int = 1  # how many copies of objects[0] (2..4 for counting, else 1)
-    relation: str | None = (
-        None  # "left_of" | "right_of" | "above" | "below": objects[0] <relation> objects[1]
-    )
+    relation: str | None = None  # "left_of" | "right_of" | "above" | "below": objects[0] <relation> objects[1]
     background: str | None = None  # "white" | "black" | "gray", or None when the caption names none
 
     def __post_init__(self):
@@ -136,9 +134,7 @@ def all_prompts(category: str) -> list[Prompt]:
     if category == "single":
         return [Prompt((k,), background=bg) for k in kinds for bg in backgrounds]
     if category == "counting":
-        return [
-            Prompt((k,), count=n, background=bg) for n in NUMBER_WORDS for k in kinds for bg in backgrounds
-        ]
+        return [Prompt((k,), count=n, background=bg) for n in NUMBER_WORDS for k in kinds for bg in backgrounds]
     if category in ("two_objects", "position"):
         relations = (None,) if category == "two_objects" else tuple(RELATION_WORDS)
         return [

@@ -55,8 +55,7 @@ class Detection:
         return {
             "background": self.background,
             "objects": [
-                {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(o).items()}
-                for o in self.objects
+                {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(o).items()} for o in self.objects
             ],
         }
 
@@ -66,9 +65,7 @@ def detect(image: Image.Image) -> Detection:
     image = image.convert("RGB")
     if max(image.size) > WORK_SIZE:
         scale = WORK_SIZE / max(image.size)
-        image = image.resize(
-            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BOX
-        )
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BOX)
     x = np.asarray(image, dtype=np.float32)  # (H, W, 3)
     h, w, _ = x.shape
 
@@ -115,9 +112,7 @@ def detect(image: Image.Image) -> Detection:
         crop = labels[y0:y1, x0:x1]
         soft[_dilate((crop >= 0) & (crop != label))] = 0.0
         shape, cx, cy = fit_shape(soft, scale=max(h, w) / 64)
-        objects.append(
-            FoundObject(COLOR_NAMES[c], shape, float((x0 + cx) / w), float((y0 + cy) / h), area / (h * w))
-        )
+        objects.append(FoundObject(COLOR_NAMES[c], shape, float((x0 + cx) / w), float((y0 + cy) / h), area / (h * w)))
     objects.sort(key=lambda o: (o.cx, o.cy))
     return Detection(background, objects)
 
@@ -200,9 +195,7 @@ def connected_components(mask: np.ndarray) -> np.ndarray:
     labels = np.where(mask, np.arange(big).reshape(h, w), big)
     while True:
         padded = np.pad(labels, 1, constant_values=big)
-        neighbours = [
-            padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-        ]
+        neighbours = [padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
         new = np.where(mask, np.minimum.reduce(neighbours), big)
         flat = np.append(new.ravel(), big)
         new = np.where(mask, flat[flat[new.ravel()]].reshape(h, w), big)  # jump: label of my label

@@ -77,9 +77,7 @@ def summarize(results: list[dict]) -> dict:
     }
 
 
-def contact_sheet(
-    images: list[Image.Image], passed: list[bool], cell: int = 64, columns: int = 16
-) -> Image.Image:
+def contact_sheet(images: list[Image.Image], passed: list[bool], cell: int = 64, columns: int = 16) -> Image.Image:
     """A grid of the images, each framed green (pass) or red (fail)."""
     border = max(2, cell // 20)
     tile = cell + 2 * border

@@ -125,13 +125,7 @@ class Collate:
         captions = [it["caption"] for it in items]
         batch = {
             "index": torch.tensor([it["index"] for it in items]),
-            "input_ids": self.tokenizer(
-                captions,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids,
+            "input_ids": self.tokenizer(captions, warn=False),
         }
         for key in ("pixels", "mean", "std"):
             if key in items[0]:
@@ -159,4 +153,4 @@ def batch_latents(batch: dict, vae, generator: torch.Generator, device) -> torch
 def batch_context(batch: dict, text_encoder, train_text_encoder: bool, device) -> torch.Tensor:
     ids = batch["input_ids"].to(device)
     with contextlib.nullcontext() if train_text_encoder else torch.no_grad():
-        return text_encoder(ids)[0].float()
+        return text_encoder(ids).float()

@@ -68,8 +68,7 @@ def load_models(
     if gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if train_text_encoder:
-            te = pipe.text_encoder  # transformers 5 renamed it; older versions only have the first name
-            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
+            pipe.text_encoder.enable_gradient_checkpointing()
     return models
 
 

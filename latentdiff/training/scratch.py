@@ -13,7 +13,7 @@ Recipe keys used here (a JSON object; other keys, e.g. training settings, are ig
     seed           initialisation seed (default 0)
     resolution     training/sampling size in pixels; sets the U-Net's sample_size
     tokenizer      {"vocab_size", "model_max_length", "min_frequency", "num_captions"}
-    text_encoder   transformers CLIPTextConfig fields (vocab_size, token ids, max_position_embeddings are
+    text_encoder   CLIPTextConfig fields (vocab_size, token ids, max_position_embeddings are
                    filled in from the tokenizer)
     unet           UNet2DConditionModel config (cross_attention_dim defaults to the text width)
     vae            AutoencoderKL config, used only when no trained --vae is given
@@ -107,8 +107,8 @@ def load_vae(folder: str | Path):
 
 
 def build_text_encoder(config: dict[str, Any], tokenizer):
-    """A random transformers CLIPTextModel whose vocabulary, window and special ids are the tokenizer's."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """A random CLIP text encoder whose vocabulary, window and special ids are the tokenizer's."""
+    from latentdiff.clip import CLIPTextEncoder, CLIPTextSettings
 
     fields = dict(config)
     fields.update(
@@ -118,7 +118,7 @@ def build_text_encoder(config: dict[str, Any], tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(CLIPTextConfig(**fields))
+    return CLIPTextEncoder(CLIPTextSettings.from_dict(fields, "recipe text_encoder"), fields).init_weights()
 
 
 def init_model_folder(

@@ -17,12 +17,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
-END_OF_WORD = "</w>"
-# CLIP's word splitter (transformers' CLIPTokenizer uses the same): contractions, letter runs, single
-# digits, runs of other non-space symbols.
-CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+from latentdiff.tokenizer import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, CLIPTokenizer, clip_bpe
 
 
 def byte_symbols() -> list[str]:
@@ -47,24 +42,6 @@ def byte_symbols() -> list[str]:
     return symbols
 
 
-def _clip_pipeline_tokenizer():
-    """An empty BPE `tokenizers.Tokenizer` that normalises and pre-tokenises like CLIPTokenizer."""
-    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
-
-    tok = Tokenizer(BPE(end_of_word_suffix=END_OF_WORD, continuing_subword_prefix=""))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    return tok
-
-
 def learn_merges(captions: Iterable[str], num_merges: int, min_frequency: int = 2) -> list[tuple[str, str]]:
     """The first `num_merges` BPE merges learnt on `captions` (fewer when the captions run out of pairs)."""
     from tokenizers.pre_tokenizers import ByteLevel
@@ -72,7 +49,7 @@ def learn_merges(captions: Iterable[str], num_merges: int, min_frequency: int = 
 
     if num_merges < 0:
         raise ValueError(f"num_merges must be >= 0, got {num_merges}")
-    tok = _clip_pipeline_tokenizer()
+    tok = clip_bpe()
     # The trainer's vocab counts the alphabet (<= 512 symbols with their "</w>" forms) before any merge;
     # ask for room for all of them plus the merges, then keep the first `num_merges` (BPE merges are
     # ordered, so any prefix of them is itself a valid merge list).
@@ -116,14 +93,12 @@ def train_clip_tokenizer(
     model_max_length: int = 77,
     min_frequency: int = 2,
 ):
-    """Train a CLIP-format BPE tokenizer on `captions`, save it in `folder` and return the CLIPTokenizer.
+    """Train a CLIP-format BPE tokenizer on `captions`, save it in `folder` and return it.
 
     `vocab_size` counts everything (512 byte symbols, the merges, the two special tokens), as CLIP's
     49408 does; it is an upper bound, reached only when the captions hold enough distinct pairs.
     Pad is <|endoftext|>, as in CLIP and SD 1.x.
     """
-    from transformers import CLIPTokenizer
-
     fixed = 512 + 2
     if vocab_size < fixed:
         raise ValueError(
@@ -132,12 +107,9 @@ def train_clip_tokenizer(
     if model_max_length < 2:
         raise ValueError(f"model_max_length must be >= 2 (start and end tokens), got {model_max_length}")
     merges = learn_merges(captions, vocab_size - fixed, min_frequency=min_frequency)
-    vocab_path, merges_path = write_clip_tokenizer_files(folder, merges)
-    tokenizer = CLIPTokenizer(
-        vocab=str(vocab_path),
-        merges=str(merges_path),
-        model_max_length=model_max_length,
-    )
-    tokenizer.save_pretrained(str(folder))
+    write_clip_tokenizer_files(folder, merges)
+    tokenizer = CLIPTokenizer.from_folder(folder)
+    tokenizer.model_max_length = model_max_length
+    tokenizer.save(folder)
     # Load from disk, as users will, so what we return is what they get.
-    return CLIPTokenizer.from_pretrained(str(folder))
+    return CLIPTokenizer.from_folder(folder)
