@@ -133,6 +133,39 @@ def test_final_holds_the_ema_weights(model_dir, data_dir, tmp_path):
     assert max_diff(final, {k.removeprefix("unet."): v for k, v in trained.items()}) > 0
 
 
+def test_checkpoint_export_matches_final(model_dir, data_dir, tmp_path, capsys):
+    from latentdiff.training.export import main as export_main
+
+    out = tmp_path / "run"
+    assert run(model_dir, data_dir, out, "--ema", "0.5", "--train-text-encoder", steps=2, every=2) == 0
+    assert (
+        export_main(
+            ["--model", str(model_dir), "--checkpoint", str(out / "checkpoint-2"), "--out", str(tmp_path / "m")]
+        )
+        == 0
+    )
+    assert max_diff(unet_weights(tmp_path / "m"), unet_weights(out / "final")) == 0  # EMA weights, like final/
+    te = [load_file(str(d / "text_encoder" / "model.safetensors")) for d in (tmp_path / "m", out / "final")]
+    assert max_diff(*te) == 0
+    assert (
+        export_main(
+            [
+                "--model",
+                str(model_dir),
+                "--checkpoint",
+                str(out / "checkpoint-2"),
+                "--out",
+                str(tmp_path / "raw"),
+                "--no-ema",
+            ]
+        )
+        == 0
+    )
+    assert max_diff(unet_weights(tmp_path / "raw"), unet_weights(out / "final")) > 0
+    assert export_main(["--model", str(model_dir), "--checkpoint", str(out), "--out", str(tmp_path / "x")]) == 2
+    assert "is not a complete checkpoint" in capsys.readouterr().err
+
+
 def test_lora_export_is_a_plain_model(model_dir, data_dir, tmp_path):
     from latentdiff.pipeline import LatentDiffusionPipeline
 
