@@ -170,11 +170,19 @@ def test_lora_export_is_a_plain_model(model_dir, data_dir, tmp_path):
     from latentdiff.pipeline import LatentDiffusionPipeline
 
     out = tmp_path / "out"
-    assert run(model_dir, data_dir, out, "--lora-rank", "2", "--learning-rate", "1e-2", steps=3, every=3) == 0
+    args = ("--lora-rank", "2", "--train-text-encoder", "--learning-rate", "1e-2")
+    assert run(model_dir, data_dir, out, *args, steps=3, every=3) == 0
     base, final = unet_weights(model_dir), unet_weights(out / "final")
     assert final.keys() == base.keys()  # merged: no lora_A / lora_B keys
     changed = {k for k in base if not torch.equal(base[k], final[k])}
     assert changed and all(k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "0") for k in changed)
+    te_base, te_final = (
+        {k.removeprefix("text_model."): v for k, v in load_file(str(d / "text_encoder" / "model.safetensors")).items()}
+        for d in (model_dir, out / "final")
+    )
+    assert te_final.keys() == te_base.keys()
+    changed = {k for k in te_base if not torch.equal(te_base[k], te_final[k])}
+    assert changed and all(k.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "out_proj") for k in changed)
     saved = load_file(str(out / "checkpoint-3" / "trainable.safetensors"))
     assert saved and all("lora_" in k for k in saved)  # checkpoints hold only the adapters
     pipe = LatentDiffusionPipeline.from_pretrained(out / "final")
