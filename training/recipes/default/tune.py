@@ -1,0 +1,76 @@
+"""Choose the stored sampling defaults (guidance scale, steps) on prompts that are NOT the held-out suite.
+
+    python training/recipes/default/tune.py --model runs/default/shapes-tiny/final --out runs/tune \
+        --guidance 3,5,7.5,10 --steps 20,30
+
+The tuning prompts are canonical captions of Shapes scenes drawn like the training data (seed 777, the
+held-out combinations excluded, and no prompt of the held-out suite), so the suite stays a test set. Each
+setting is scored with `latentdiff eval` (one image per prompt, seed 0); the table and tune.json go to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TUNING_SEED = 777
+
+
+def tuning_prompts(count: int) -> list[str]:
+    from latentdiff.data.shapes import ShapesDataset
+    from latentdiff.eval.captions import heldout_prompts
+    from latentdiff.training.data import heldout_combinations
+
+    suite = set(heldout_prompts())
+    scenes = ShapesDataset(4 * count, seed=TUNING_SEED, size=64, paraphrase=False, exclude=heldout_combinations())
+    prompts = [text for text in (scenes[i]["text"] for i in range(len(scenes))) if text not in suite]
+    return prompts[:count]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from latentdiff.cli import main as cli
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--guidance", default="3,5,7.5,10", help="comma-separated guidance scales")
+    p.add_argument("--steps", default="20", help="comma-separated step counts")
+    p.add_argument("--count", type=int, default=120, help="tuning prompts")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompt_file = out / "tuning_prompts.txt"
+    prompt_file.write_text("\n".join(tuning_prompts(args.count)) + "\n", encoding="utf-8")
+    rows = []
+    for steps in (int(s) for s in args.steps.split(",")):
+        for guidance in (float(g) for g in args.guidance.split(",")):
+            where = out / f"s{steps}-g{guidance:g}"
+            flags = ["--model", args.model, "--prompts", str(prompt_file), "--out", str(where)]
+            flags += [
+                "--images-per-prompt",
+                "1",
+                "--seed",
+                "0",
+                "--steps",
+                str(steps),
+                "--guidance-scale",
+                str(guidance),
+            ]
+            if cli(["eval", *flags]) != 0:
+                return 1
+            report = json.loads((where / "report.json").read_text())
+            rows.append(
+                {"steps": steps, "guidance_scale": guidance, **report["categories"], "overall": report["overall"]}
+            )
+    (out / "tune.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    print("| steps | guidance | " + " | ".join(k for k in rows[0] if k not in ("steps", "guidance_scale")) + " |")
+    for row in rows:
+        print("| " + " | ".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in row.values()) + " |")
+    best = max(rows, key=lambda r: r["overall"])
+    print(f"best: steps {best['steps']}, guidance {best['guidance_scale']:g} (overall {best['overall']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
