@@ -107,9 +107,8 @@ def train_clip_tokenizer(
     if model_max_length < 2:
         raise ValueError(f"model_max_length must be >= 2 (start and end tokens), got {model_max_length}")
     merges = learn_merges(captions, vocab_size - fixed, min_frequency=min_frequency)
-    write_clip_tokenizer_files(folder, merges)
-    tokenizer = CLIPTokenizer.from_folder(folder)
-    tokenizer.model_max_length = model_max_length
-    tokenizer.save(folder)
+    vocab_path, _ = write_clip_tokenizer_files(folder, merges)
+    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    CLIPTokenizer(vocab, merges, model_max_length).save(folder)  # adds the configs with the window
     # Load from disk, as users will, so what we return is what they get.
     return CLIPTokenizer.from_folder(folder)
