@@ -36,21 +36,20 @@ def pixels(images):
 
 
 def diffusers_images(folder, prompts, seeds, sampler, karras=False, **kwargs):
+    """Images of diffusers' StableDiffusionPipeline from `folder`, with the scheduler of `sampler`."""
     import diffusers
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
     options = {"use_karras_sigmas": True} if karras else {}
     pipe.scheduler = getattr(diffusers, DIFFUSERS[sampler]).from_config(pipe.scheduler.config, **options)
+    return run_diffusers(pipe, prompts, seeds, **kwargs)
+
+
+def run_diffusers(pipe, prompts, seeds, **kwargs):
+    """`pipe`'s SIZE x SIZE images, image i from a generator seeded with seeds[i]."""
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        prompts,
-        generator=[torch.Generator().manual_seed(s) for s in seeds],
-        output_type="pil",
-        height=SIZE,
-        width=SIZE,
-        **kwargs,
-    )
-    return out.images
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(prompts, generator=generators, output_type="pil", height=SIZE, width=SIZE, **kwargs).images
 
 
 @pytest.mark.parametrize(
@@ -175,17 +174,10 @@ def test_reads_diffusers_fp16_variant_folder(tmp_path):
     assert pipe.dtype == torch.float32
     ours = pipe("a pink star", height=SIZE, width=SIZE, steps=3, seed=[3], sampler="ddim", progress=False)
     dpipe.to(torch.float32)
-    dpipe.set_progress_bar_config(disable=True)
     import diffusers
 
     dpipe.scheduler = diffusers.DDIMScheduler.from_config(dpipe.scheduler.config)
-    theirs = dpipe(
-        "a pink star",
-        generator=[torch.Generator().manual_seed(3)],
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=3,
-    ).images
+    theirs = run_diffusers(dpipe, "a pink star", [3], num_inference_steps=3)
     assert np.abs(pixels(ours) - pixels(theirs)).max() <= 3
 
 
@@ -286,15 +278,7 @@ def test_stored_sampler_defaults_travel_to_diffusers(sd1, tmp_path):
     ours = LatentDiffusionPipeline.from_pretrained(saved)("a red circle", seed=[2], progress=False)
     theirs = diffusers.StableDiffusionPipeline.from_pretrained(str(saved), safety_checker=None)
     assert type(theirs.scheduler).__name__ == "EulerDiscreteScheduler" and theirs.scheduler.use_karras_sigmas
-    theirs.set_progress_bar_config(disable=True)
-    images = theirs(
-        "a red circle",
-        generator=[torch.Generator().manual_seed(2)],
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=3,
-        guidance_scale=3.0,
-    ).images
+    images = run_diffusers(theirs, "a red circle", [2], num_inference_steps=3, guidance_scale=3.0)
     assert np.abs(pixels(ours) - pixels(images)).max() <= 3
     plain = pipe("a red circle", seed=[2], karras=False, progress=False)
     assert not np.array_equal(pixels(ours), pixels(plain))
