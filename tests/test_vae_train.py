@@ -104,6 +104,23 @@ def test_resume_continues_exactly(config_file, tmp_path):
     assert len(losses) == 6
 
 
+def test_decoder_only_keeps_the_encoder_and_scaling_factor(config_file, tmp_path):
+    first, tuned = tmp_path / "first", tmp_path / "tuned"
+    assert run(config_file, first, "--max-steps", "2") == 0
+    args = ["--output-dir", str(tuned), "--init", str(first), "--decoder-only", "--max-steps", "3"]
+    args += ["--resolution", "16", "--batch-size", "2", "--scale-samples", "4", "--shapes-count", "64"]
+    assert main([*args, "--lr", "1e-2", "--ema"]) == 0
+    a = load_file(first / "vae" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tuned / "vae" / "diffusion_pytorch_model.safetensors")
+    encoder = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in a if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and decoder and len(encoder) + len(decoder) == len(a)
+    assert all(torch.equal(a[k], b[k]) for k in encoder)
+    assert sum(not torch.equal(a[k], b[k]) for k in decoder) > len(decoder) // 2
+    config_a, config_b = (json.loads((d / "vae" / "config.json").read_text()) for d in (first, tuned))
+    assert config_b == config_a  # the scaling factor (and all else) kept
+
+
 def test_image_folder_without_captions(config_file, tmp_path):
     data = tmp_path / "images"
     data.mkdir()
@@ -121,3 +138,8 @@ def test_user_errors(config_file, tmp_path, capsys):
     assert "data folder not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run(config_file, tmp_path / "c", "--max-steps", "0")
+    with pytest.raises(SystemExit):
+        main(["--output-dir", str(tmp_path / "d"), "--decoder-only"])
+    assert "--decoder-only needs --init" in capsys.readouterr().err
+    assert main(["--output-dir", str(tmp_path / "e"), "--init", str(tmp_path / "nope")]) == 1
+    assert "no trained VAE in" in capsys.readouterr().err

@@ -16,6 +16,11 @@ crisp. LDM keeps edges sharp with LPIPS + a patch GAN instead; LPIPS needs pretr
 none offline) and a GAN discriminator doubles the cost on 2 CPU cores and is unstable without tuning, while
 the gradient loss is free, deterministic and has no second network.
 
+Decoder fine-tuning (`--init VAE_FOLDER --decoder-only`): start from a trained VAE and train only the decoder
+(post_quant_conv + decoder), the encoder frozen. The latents of every image stay exactly as they were, so a
+U-Net already trained on them stays valid and sees sharper images (what SD's "ft-MSE" VAE did); the
+scaling factor is kept from the init for the same reason.
+
 After training, OUT/vae/ holds config.json + diffusion_pytorch_model.safetensors (diffusers' AutoencoderKL
 layout), with scaling_factor = 1 / std of the latents of held-out images, as SD chose its 0.18215.
 Checkpoints (OUT/checkpoint-N/) and --resume use latentdiff.training.checkpoint, like training/train.py.
@@ -117,7 +122,6 @@ def train_vae(args, log=print) -> dict:
     from latentdiff.training.optim import build_lr_schedule, build_optimizer
     from latentdiff.training.progress import record_step, run_summary
     from latentdiff.training.sampler import ResumableBatches
-    from latentdiff.vae import VAE
 
     out_dir = Path(args.output_dir)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
@@ -126,13 +130,16 @@ def train_vae(args, log=print) -> dict:
 
     # 1. model, optimizer, schedule, EMA: the same on every process
     set_seed(args.seed)
-    config = load_vae_config(args.config)
-    config.sample_size = args.resolution
-    vae = VAE(config).to(accelerator.device).train()
-    factor = 2 ** (len(config.block_out_channels) - 1)
+    vae = _initial_vae(args).to(accelerator.device).train()
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution % factor:
         raise TrainingError(f"--resolution {args.resolution} must be a multiple of the VAE's factor {factor}")
-    optimizer = build_optimizer([{"params": list(vae.parameters()), "lr": args.learning_rate}])
+    if args.decoder_only:
+        frozen = [vae.encoder] + ([vae.quant_conv] if vae.quant_conv is not None else [])
+        for module in frozen:
+            module.requires_grad_(False)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = build_optimizer([{"params": trained, "lr": args.learning_rate}])
     lr_schedule = build_lr_schedule(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_steps)
     ema = None
     if args.ema is not None:
@@ -186,8 +193,8 @@ def train_vae(args, log=print) -> dict:
         if finite:
             accelerator.backward(loss)
             if args.max_grad_norm:
-                accelerator.clip_grad_norm_(wrapped.parameters(), args.max_grad_norm)
-            finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in vae.parameters())
+                accelerator.clip_grad_norm_(trained, args.max_grad_norm)
+            finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in trained)
         if finite:
             optimizer.step()
             if ema is not None:
@@ -222,9 +229,10 @@ def train_vae(args, log=print) -> dict:
         if ema is not None:
             ema.copy_to_params()
         ckpt.assert_finite(dict(vae.state_dict()), "the final VAE")
-        vae.config.scaling_factor = latent_scaling_factor(
-            vae, held_out, generator=torch.Generator().manual_seed(args.seed)
-        )
+        if not args.decoder_only:  # frozen encoder: same latents, so the U-Net's scaling factor stays
+            vae.config.scaling_factor = latent_scaling_factor(
+                vae, held_out, generator=torch.Generator().manual_seed(args.seed)
+            )
         summary["scaling_factor"] = vae.config.scaling_factor
         summary["reconstruction_l1"] = reconstruction_error(vae, held_out)
         summary["vae"] = str(save_vae(vae, out_dir / "vae"))
@@ -236,6 +244,19 @@ def train_vae(args, log=print) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _initial_vae(args):
+    """A fresh VAE from --config, or the trained one in --init (its own config, weights and scaling factor)."""
+    from latentdiff.vae import VAE
+
+    if args.init is None:
+        config = load_vae_config(args.config)
+        config.sample_size = args.resolution
+        return VAE(config)
+    from latentdiff.training.scratch import load_vae
+
+    return load_vae(args.init).float()
 
 
 def _held_out_pixels(args, dataset) -> torch.Tensor:
@@ -381,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="shapes", help="'shapes' / 'shapes:SEED' or a folder of images")
     p.add_argument("--output-dir", required=True, help="checkpoints, logs and vae/ go here")
     p.add_argument("--config", default=None, help="AutoencoderKL config.json or a recipe JSON with a 'vae' section")
+    p.add_argument("--init", default=None, help="start from this trained VAE (a model folder or its vae/)")
+    p.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="with --init: train only the decoder, so latents (and a U-Net trained on them) stay valid",
+    )
     p.add_argument("--max-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=16, help="images per process per step")
     p.add_argument("--learning-rate", "--lr", type=float, default=2e-4, dest="learning_rate")
@@ -413,6 +440,10 @@ def main(argv=None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.kl_weight < 0 or args.edge_weight < 0:
         parser.error("--kl-weight and --edge-weight must not be negative")
+    if args.decoder_only and args.init is None:
+        parser.error("--decoder-only needs --init (the trained VAE whose encoder is kept)")
+    if args.init is not None and args.config is not None:
+        parser.error("--init brings its own config; leave out --config")
     if args.ema is not None and not 0.0 < args.ema < 1.0:
         parser.error(f"--ema decay must be in (0, 1), got {args.ema}")
     try:

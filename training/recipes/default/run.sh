@@ -16,6 +16,7 @@ PY=${PY:-python}
 # recipe SECTION [KEY]: a value of recipe.json, the one place the settings live
 recipe() { $PY -c "import json, sys; v = json.load(open('$RECIPE')); [v := v[k] for k in sys.argv[1:]]; print(v)" "$@"; }
 VAE_STEPS=${VAE_STEPS:-$(recipe vae_training max_steps)}
+DECODER_STEPS=${DECODER_STEPS:-$(recipe vae_decoder_training max_steps)}
 UNET_STEPS=${UNET_STEPS:-$(recipe unet_training max_steps)}
 SHAPES_COUNT=${SHAPES_COUNT:-$(recipe unet_training shapes_count)}
 PROMPTS=(
@@ -36,9 +37,15 @@ $PY training/train_vae.py --config $RECIPE --data shapes --output-dir $RUN/vae \
   --kl-weight "$(recipe vae_training kl_weight)" --edge-weight "$(recipe vae_training edge_weight)" --checkpoint-every 250 --keep-checkpoints 2 --validate-every 250 \
   --resume latest
 
+# 1b. the decoder alone, encoder frozen (latents unchanged): sharper edges, truer colours, gray backgrounds
+$PY training/train_vae.py --init $RUN/vae/vae --decoder-only --data shapes:2 --output-dir $RUN/vae-decoder \
+  --max-steps "$DECODER_STEPS" --batch-size "$(recipe vae_decoder_training batch_size)" --lr "$(recipe vae_decoder_training lr)" \
+  --lr-scheduler "$(recipe vae_decoder_training lr_scheduler)" --lr-warmup-steps "$(recipe vae_decoder_training lr_warmup_steps)" \
+  --ema "$(recipe vae_decoder_training ema)" --checkpoint-every 500 --keep-checkpoints 2 --validate-every 500 --resume latest
+
 # 2. tokenizer trained on Shapes captions, random text encoder + U-Net, the trained VAE
 if [ ! -f $RUN/init/model_index.json ]; then
-  $PY -m latentdiff.training.scratch --recipe $RECIPE --vae $RUN/vae/vae --out $RUN/init
+  $PY -m latentdiff.training.scratch --recipe $RECIPE --vae $RUN/vae-decoder/vae --out $RUN/init
 fi
 
 # 3. U-Net and text encoder together, on cached latents of SHAPES_COUNT scenes, ~120 min on 2 CPU cores
@@ -56,6 +63,8 @@ mkdir -p weights $HERE/logs
 rm -rf weights/shapes-tiny && cp -r $RUN/shapes-tiny/final weights/shapes-tiny
 cp $RUN/vae/loss_curve.png $HERE/logs/vae_loss_curve.png
 cp $RUN/vae/reconstructions.png $HERE/logs/vae_reconstructions.png
+cp $RUN/vae-decoder/loss_curve.png $HERE/logs/vae_decoder_loss_curve.png
+cp $RUN/vae-decoder/reconstructions.png $HERE/logs/vae_decoder_reconstructions.png
 cp $RUN/shapes-tiny/loss_curve.png $HERE/logs/unet_loss_curve.png
 cp $RUN/shapes-tiny/validation/*.png $HERE/logs/ 2>/dev/null || true
 du -sh weights/shapes-tiny
