@@ -53,7 +53,7 @@ $PY training/train.py --model $RUN/init --data shapes --output-dir $RUN/shapes-t
   --max-steps "$UNET_STEPS" --batch-size "$(recipe unet_training batch_size)" --resolution "$(recipe resolution)" \
   --shapes-count "$SHAPES_COUNT" --cache-latents --learning-rate "$(recipe unet_training lr)" \
   --lr-scheduler "$(recipe unet_training lr_scheduler)" --lr-warmup-steps "$(recipe unet_training lr_warmup_steps)" \
-  --snr-gamma "$(recipe unet_training snr_gamma)" --max-grad-norm 1.0 --ema "$(recipe unet_training ema)" --caption-dropout "$(recipe unet_training caption_dropout)" \
+  --snr-gamma "$(recipe unet_training snr_gamma)" --noise-offset "$(recipe unet_training noise_offset)" --max-grad-norm 1.0 --ema "$(recipe unet_training ema)" --caption-dropout "$(recipe unet_training caption_dropout)" \
   --checkpoint-every 1000 --keep-checkpoints 3 --seed 0 \
   --validate-every 2000 --validation-prompts "${PROMPTS[@]}" --save-dtype fp16 --resume latest
 
