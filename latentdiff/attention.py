@@ -82,7 +82,9 @@ class Attention(nn.Module):
             return _fused_linear(self, "kv", context, self.to_k, self.to_v)
         hit = self._cache.get("context")
         if hit is None or hit[0] is not context:
-            hit = self._cache["context"] = (context, _fused_linear(self, "kv", context, self.to_k, self.to_v))
+            # Not keeping the fused k/v weight: it serves once per context, and for SD1.5 it would hold ~76 MB.
+            kv = _fused_linear(self, "kv", context, self.to_k, self.to_v, keep=False)
+            hit = self._cache["context"] = (context, kv)
         return hit[1]
 
 
@@ -107,13 +109,13 @@ def _plain(*layers: nn.Module) -> bool:
     return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in layers)
 
 
-def _fused_linear(owner: nn.Module, name: str, x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
+def _fused_linear(owner: nn.Module, name: str, x: torch.Tensor, *layers: nn.Linear, keep: bool = True) -> torch.Tensor:
     """`torch.cat([m(x) for m in layers], -1)` as one matmul (the Linear weights concatenated row-wise).
 
     The concatenation is made on every call (gradients flow to each layer), except inside inference_cache
-    without autograd, where it is made once and kept in `owner._cache[name]`.
+    without autograd, where it is made once and kept in `owner._cache[name]` (unless keep=False).
     """
-    cache = owner._cache if not torch.is_grad_enabled() else None
+    cache = owner._cache if keep and not torch.is_grad_enabled() else None
     fused = cache.get(name) if cache is not None else None
     if fused is None:
         weight = torch.cat([m.weight for m in layers])

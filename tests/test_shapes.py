@@ -11,6 +11,7 @@ from latentdiff.cli import main
 from latentdiff.data.shapes import (
     BACKGROUNDS,
     COLORS,
+    Scene,
     ShapesDataset,
     canonical_captions,
     caption,
@@ -133,6 +134,15 @@ def test_deterministic_per_seed():
     assert image.tobytes() == make_example(11)[0].tobytes() and text == make_example(11)[1]
     with pytest.raises(IndexError):
         one[20]
+
+
+def test_category_mix_sets_the_frequencies():
+    rng = np.random.default_rng(3)
+    drawn = [sample_scene(rng, category={"position": 3.0, "single": 1.0}).category for _ in range(800)]
+    assert set(drawn) == {"position", "single"}  # unnamed categories weigh 0
+    assert 0.70 < drawn.count("position") / len(drawn) < 0.80  # expected 0.75; sd 0.015
+    data = ShapesDataset(40, seed=2, mix={"counting": 1.0})
+    assert {Scene.from_dict(data[i]["scene"]).category for i in range(40)} == {"counting"}
 
 
 def test_other_sizes_scale():

@@ -17,6 +17,7 @@ from latentdiff.training.data import (
     Example,
     bad_files_message,
     find_examples,
+    parse_shapes_mix,
     parse_shapes_spec,
 )
 from latentdiff.training.images import BadImageError, open_rgb, resize_crop, to_rgb, to_tensor
@@ -291,3 +292,18 @@ def test_batches_cover_epochs_and_split_across_ranks():
     resumed = iter(ResumableBatches(10, 2, seed=0, start=7))
     assert next(resumed) == one.batch(7)
     assert ResumableBatches(3, 4, 0).batch(0)[3][0] == 1  # datasets smaller than a batch wrap into epoch 1
+
+
+def test_shapes_mix_parses_and_names_its_mistakes():
+    mix = parse_shapes_mix("position=3, two_objects=0.5")
+    assert mix == {"single": 1.0, "counting": 1.0, "two_objects": 0.5, "position": 3.0}
+    assert parse_shapes_mix(None) is None and parse_shapes_mix("") is None
+    for spec, words in [
+        ("left=2", "not CATEGORY=WEIGHT"),
+        ("position", "not CATEGORY=WEIGHT"),
+        ("position=many", "must be a number"),
+        ("position=-1", ">= 0"),
+        ("single=0,counting=0,two_objects=0,position=0", "above 0"),
+    ]:
+        with pytest.raises(DataError, match=words):
+            parse_shapes_mix(spec)

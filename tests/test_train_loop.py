@@ -322,6 +322,14 @@ def test_bad_resolution_and_model_are_errors(model_dir, data_dir, tmp_path, caps
     assert "cannot load --model" in capsys.readouterr().err
 
 
+def test_bad_shapes_mix_is_a_usage_error(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run(model_dir, "shapes", tmp_path / "o", "--shapes-mix", "relations=3", steps=1)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--shapes-mix 'relations=3'" in err and "position" in err and "Traceback" not in err
+
+
 def test_accelerate_cpu_launch_is_detected(monkeypatch):
     from latentdiff.training.launch import requested_cpu_processes
 

@@ -198,8 +198,9 @@ def relation_holds(a: ShapeObject, b: ShapeObject, relation: str, canvas: int) -
     return along >= MIN_RELATION_OFFSET * canvas and abs(across) <= MAX_RELATION_SLANT * along
 
 
-def sample_scene(seed_or_rng=None, size: int = 64, category: str | None = None, exclude=None) -> Scene:
-    """Draw a random scene on a `size` canvas; `category` one of CATEGORIES (default: uniform).
+def sample_scene(seed_or_rng=None, size: int = 64, category: str | dict | None = None, exclude=None) -> Scene:
+    """Draw a random scene on a `size` canvas; `category` one of CATEGORIES, or a mix {category: weight}
+    (categories left out weigh 0); default: all four equally likely.
 
     `exclude`: a set of canonical captions never to show (e.g. held-out two-object prompts); a scene is
     redrawn while any canonical caption of it (`canonical_captions`) is in the set.
@@ -214,6 +215,9 @@ def sample_scene(seed_or_rng=None, size: int = 64, category: str | None = None, 
 def _sample_scene(rng, size: int, category: str | None) -> Scene:
     if category is None:
         category = CATEGORIES[rng.integers(len(CATEGORIES))]
+    elif isinstance(category, dict):
+        weights = np.array([float(category.get(c, 0.0)) for c in CATEGORIES])
+        category = CATEGORIES[rng.choice(len(CATEGORIES), p=weights / weights.sum())]
     elif category not in CATEGORIES:
         raise ValueError(f"unknown category {category!r}; choose from {CATEGORIES}")
     background = BACKGROUND_NAMES[rng.integers(len(BACKGROUND_NAMES))]
@@ -312,10 +316,11 @@ def caption(scene: Scene, rng=None, paraphrase: bool = False) -> str:
     return text
 
 
-def make_example(seed_or_rng=None, size: int = 64, paraphrase: bool = False, exclude=None):
-    """One training example: (PIL image, caption, scene dict). Canonical caption unless paraphrase=True."""
+def make_example(seed_or_rng=None, size: int = 64, paraphrase: bool = False, exclude=None, mix=None):
+    """One training example: (PIL image, caption, scene dict). Canonical caption unless paraphrase=True;
+    `mix`: category weights as for `sample_scene` (default: uniform)."""
     rng = _as_rng(seed_or_rng)
-    scene = sample_scene(rng, size, exclude=exclude)
+    scene = sample_scene(rng, size, mix, exclude=exclude)
     text = caption(scene, rng, paraphrase=True) if paraphrase else caption(scene)
     return render(scene), text, scene.to_dict()
 
@@ -324,8 +329,8 @@ class ShapesDataset:
     """Map-style dataset of `length` scenes; item i is drawn from seed (seed, i), so any order or worker
     split gives the same examples. Items: {"image": PIL, "text": str, "scene": dict}."""
 
-    def __init__(self, length: int, seed: int = 0, size: int = 64, paraphrase: bool = True, exclude=None):
-        self.length, self.seed, self.size, self.paraphrase = length, seed, size, paraphrase
+    def __init__(self, length: int, seed: int = 0, size: int = 64, paraphrase: bool = True, exclude=None, mix=None):
+        self.length, self.seed, self.size, self.paraphrase, self.mix = length, seed, size, paraphrase, mix
         self.exclude = None if exclude is None else set(exclude)
 
     def __len__(self) -> int:
@@ -335,7 +340,7 @@ class ShapesDataset:
         if not 0 <= i < self.length:
             raise IndexError(i)
         image, text, scene = make_example(
-            np.random.default_rng([self.seed, i]), self.size, self.paraphrase, self.exclude
+            np.random.default_rng([self.seed, i]), self.size, self.paraphrase, self.exclude, self.mix
         )
         return {"image": image, "text": text, "scene": scene}
 

@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     data.add_argument("--shapes-count", type=int, default=100_000, help="distinct scenes for --data shapes")
+    data.add_argument(
+        "--shapes-mix",
+        default=None,
+        metavar="CATEGORY=WEIGHT,...",
+        help="relative frequency of Shapes scene categories (single, counting, two_objects, position; "
+        "unnamed ones weigh 1), e.g. position=3 for more relations; default: all equal",
+    )
 
     model = p.add_argument_group("what trains")
     model.add_argument("--train-text-encoder", action="store_true", help="train the text encoder too")
@@ -137,6 +144,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--lora-rank must be at least 1")
     if args.ema is not None and not 0.0 < args.ema < 1.0:
         p.error(f"--ema decay must be in (0, 1), got {args.ema}")
+    if args.shapes_mix is not None:
+        from latentdiff.training.data import DataError, parse_shapes_mix
+
+        try:
+            parse_shapes_mix(args.shapes_mix)
+        except DataError as e:
+            p.error(str(e))
     if args.validate_every and not args.validation_prompts:
         p.error("--validate-every needs --validation-prompts")
 

@@ -241,12 +241,20 @@ class CaptionedImages(torch.utils.data.Dataset):
 class ShapesScenes(CaptionedImages):
     """`length` synthetic scenes from latentdiff.data.shapes, drawn on the fly at the training resolution."""
 
-    def __init__(self, length: int, resolution: int, scene_seed: int = 0, caption_dropout: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        length: int,
+        resolution: int,
+        scene_seed: int = 0,
+        caption_dropout: float = 0.0,
+        seed: int = 0,
+        mix: dict[str, float] | None = None,
+    ):
         super().__init__([], resolution, caption_dropout=caption_dropout, seed=seed)
         from latentdiff.data.shapes import ShapesDataset
 
         self.scenes = ShapesDataset(
-            length, seed=scene_seed, size=resolution, paraphrase=True, exclude=heldout_combinations()
+            length, seed=scene_seed, size=resolution, paraphrase=True, exclude=heldout_combinations(), mix=mix
         )
         self._last: tuple[int, dict] | None = None
 
@@ -278,6 +286,33 @@ def heldout_combinations() -> set[str]:
         format_caption(dataclasses.replace(parse_caption(p), background=None))
         for p in heldout_prompts(("two_objects", "position"))
     }
+
+
+def parse_shapes_mix(spec: str | None) -> dict[str, float] | None:
+    """'position=3,two_objects=2' -> {"single": 1, "counting": 1, "two_objects": 2, "position": 3}: the
+    relative frequency of each scene category (unnamed ones keep weight 1); None or '' -> None (uniform)."""
+    from latentdiff.eval.captions import CATEGORIES
+
+    if not spec:
+        return None
+    mix = dict.fromkeys(CATEGORIES, 1.0)
+    for part in spec.split(","):
+        name, sep, value = part.strip().partition("=")
+        name = name.strip()
+        if not sep or name not in CATEGORIES:
+            raise DataError(
+                f"--shapes-mix {spec!r}: {part.strip()!r} is not CATEGORY=WEIGHT with CATEGORY one of "
+                f"{', '.join(CATEGORIES)} (e.g. --shapes-mix position=3,two_objects=2)"
+            )
+        try:
+            mix[name] = float(value)
+        except ValueError:
+            raise DataError(f"--shapes-mix {spec!r}: the weight of {name} must be a number, got {value!r}") from None
+        if not mix[name] >= 0.0 or mix[name] == float("inf"):
+            raise DataError(f"--shapes-mix {spec!r}: the weight of {name} must be finite and >= 0")
+    if sum(mix.values()) <= 0.0:
+        raise DataError(f"--shapes-mix {spec!r}: at least one category needs a weight above 0")
+    return mix
 
 
 def parse_shapes_spec(spec: str) -> int | None:

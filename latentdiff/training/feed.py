@@ -14,6 +14,7 @@ from latentdiff.training.data import (
     ShapesScenes,
     bad_files_message,
     find_examples,
+    parse_shapes_mix,
     parse_shapes_spec,
     sample_rng,
 )
@@ -27,8 +28,10 @@ def build_dataset(args, accelerator, log) -> CaptionedImages:
     """The dataset; a folder is scanned once, on the main process, and the result shared."""
     shapes_seed = parse_shapes_spec(str(args.data))
     if shapes_seed is not None:
-        log(f"data: {args.shapes_count} Shapes scenes drawn on the fly (scene seed {shapes_seed})")
-        return ShapesScenes(args.shapes_count, args.resolution, shapes_seed, args.caption_dropout, args.seed)
+        mix = parse_shapes_mix(args.shapes_mix)
+        mixed = "" if mix is None else f", category weights {args.shapes_mix}"
+        log(f"data: {args.shapes_count} Shapes scenes drawn on the fly (scene seed {shapes_seed}{mixed})")
+        return ShapesScenes(args.shapes_count, args.resolution, shapes_seed, args.caption_dropout, args.seed, mix)
     found, error = None, None
     if accelerator.is_main_process:
         try:
