@@ -61,7 +61,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        if not _plain(self.to_q, self.to_k, self.to_v):  # LoRA wrappers, hooks: one module call each
+        if not _fusable(self.to_q, self.to_k, self.to_v):  # LoRA, hooks, big layers: one call each
             context = x if context is None else context
             q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         elif context is None:  # self-attention: q, k, v in one matmul
@@ -104,9 +104,19 @@ def inference_cache(*models: nn.Module):
             m._cache = cache
 
 
+# Fusing saves per-call overhead, which matters for small layers only; a big model's fused copies would
+# cost memory (SD1.5: ~150 MB of q/k/v weights) for no measurable speed, so its layers stay separate.
+FUSE_MAX_BYTES = 1 << 20
+
+
 def _plain(*layers: nn.Module) -> bool:
-    """True if every layer is an nn.Linear whose forward may be replaced by a fused matmul (not LoRA, no hooks)."""
+    """True if every layer is an nn.Linear whose forward may be replaced by a matmul (not LoRA, no hooks)."""
     return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in layers)
+
+
+def _fusable(*layers: nn.Module) -> bool:
+    """True if the layers are plain and small enough to run as one fused matmul."""
+    return _plain(*layers) and sum(m.weight.nbytes for m in layers) <= FUSE_MAX_BYTES
 
 
 def _fused_linear(owner: nn.Module, name: str, x: torch.Tensor, *layers: nn.Linear, keep: bool = True) -> torch.Tensor:
@@ -262,7 +272,7 @@ class VAEAttention(Checkpointed):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.group_norm(x.view(B, C, H * W)).transpose(1, 2)  # (B, HW, C)
-        if _plain(self.to_q, self.to_k, self.to_v):
+        if _fusable(self.to_q, self.to_k, self.to_v):
             qkv = _fused_linear(self, "qkv", h, self.to_q, self.to_k, self.to_v)[:, None]  # (B, 1, HW, 3C)
             q, k, v = qkv.chunk(3, dim=-1)
         else:

@@ -46,3 +46,17 @@ def test_weights_changed_between_calls_are_seen():
     _close(after_self, self_attn(x))
     _close(after_cross, cross(x, context))
     assert not torch.allclose(after_self, before_self) and not torch.allclose(after_cross, before_cross)
+
+
+@torch.no_grad()
+def test_big_layers_are_not_fused(monkeypatch):
+    import latentdiff.attention as attention
+
+    self_attn, cross = _layers()
+    x, context = torch.randn(2, 9, 32), torch.randn(2, 5, 24)
+    fused = self_attn(x)
+    monkeypatch.setattr(attention, "FUSE_MAX_BYTES", 3 * 32 * 32 * 4 - 1)  # just below this layer's q/k/v
+    with inference_cache(self_attn, cross):
+        _close(self_attn(x), fused)
+        cross(x, context)
+        assert self_attn._cache == {}  # no fused copy held for the call (SD1.5 would hold ~150 MB)
