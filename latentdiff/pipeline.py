@@ -24,6 +24,7 @@ from latentdiff.unet import UNet, UNetConfig
 from latentdiff.vae import VAE, VAEConfig
 
 FALLBACK_DEFAULTS = {"steps": 25, "guidance_scale": 7.5, "sampler": "dpmpp_2m"}
+CONTEXT_CACHE_SIZE = 256  # text contexts kept per pipeline (prompts reused across calls: the empty negative)
 # Stable Diffusion folders store CLIP text weights under this prefix (transformers 5 drops it in memory);
 # we write it so that every transformers version reads our folders.
 CLIP_PREFIX = "text_model."
@@ -162,15 +163,18 @@ class LatentDiffusionPipeline:
     # ---- generation --------------------------------------------------------------------------------
     def encode(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
         """Text context for each prompt; repeated prompts (the empty negative above all) are encoded once."""
+        found = {}
         for prompt in dict.fromkeys(prompts):
-            if (prompt, clip_skip) not in self._context_cache:
+            key = (prompt, clip_skip)
+            context = self._context_cache.pop(key, None)
+            if context is None:
                 # One prompt per text-encoder call: a batch could change the last bits of the result,
                 # and an image must not depend on which other prompts share its batch.
-                context = encode_prompts(self.tokenizer, self.text_encoder, [prompt], clip_skip)
-                self._context_cache[(prompt, clip_skip)] = context[0]
-            while len(self._context_cache) > 256:  # bounded: a long prompt file must not grow it forever
-                self._context_cache.pop(next(iter(self._context_cache)))
-        return torch.stack([self._context_cache[(p, clip_skip)] for p in prompts]).to(self.dtype)
+                context = encode_prompts(self.tokenizer, self.text_encoder, [prompt], clip_skip)[0]
+            found[prompt] = self._context_cache[key] = context  # re-inserted: the newest entry
+        while len(self._context_cache) > CONTEXT_CACHE_SIZE:  # bounded: a long prompt file must not grow it
+            self._context_cache.pop(next(iter(self._context_cache)))  # the least recently used
+        return torch.stack([found[p] for p in prompts]).to(self.dtype)
 
     @torch.no_grad()
     def __call__(

@@ -200,6 +200,19 @@ def test_clip_skip_changes_context(sd1):
         pipe.encode(["a"], clip_skip=5)
 
 
+def test_encode_more_prompts_than_the_cache_holds(sd1, monkeypatch):
+    import latentdiff.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "CONTEXT_CACHE_SIZE", 4)
+    pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+    old = pipe.encode(["p0", "p1"])
+    # six distinct prompts in one call, two of them cached (and oldest) before it: none may be lost mid-call
+    many = pipe.encode(["p1", "q0", "q1", "q2", "q3", "p0"])
+    torch.testing.assert_close(many[[5, 0]], old, rtol=0, atol=0)
+    torch.testing.assert_close(many[1], pipe.encode(["q0"])[0], rtol=0, atol=0)
+    assert len(pipe._context_cache) <= 4
+
+
 # ---- bad input: one clear error --------------------------------------------------------------------
 
 
