@@ -1,6 +1,7 @@
 """training/recipes/default/relation_probe.py: caption edits, and a probe that sees what a model uses."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,36 @@ def test_probe_sees_that_colours_matter(probe_module):
     assert all(r["true"] > 0 for r in rows.values())
     # the bundled model draws colours from the prompt: wrong colour words must cost it (measured: +5x at t=200)
     assert rows[200]["colour"] > 0.5
+
+
+def _script(name):
+    path = SCRIPT.parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_side_data_captions_name_the_side(tmp_path):
+    side_data = _script("side_data")
+    side_data.write(tmp_path, 24, seed=3)
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and all((tmp_path / r["file_name"]).is_file() for r in rows)
+    for scene, text in side_data.side_examples(40, seed=3):
+        obj, middle = scene.objects[0], scene.size / 2
+        expected = {
+            "on the left": obj.cx < middle - 9,
+            "on the right": obj.cx > middle + 9,
+            "at the top": obj.cy < middle - 9,
+            "at the bottom": obj.cy > middle + 9,
+        }
+        said = [side for side in expected if f" {side}" in text]
+        assert len(said) == 1 and expected[said[0]], (text, obj)
+        assert f"{obj.color} {obj.shape}" in text
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").is_file(), reason="no bundled model")
+def test_probe_reads_a_folder_with_the_edits_that_apply(probe_module, tmp_path):
+    _script("side_data").write(tmp_path, 6, seed=1)
+    rows = probe_module.probe(str(BUNDLED_MODEL), count=6, seed=1, data=tmp_path)
+    assert set(rows[500]) == {"true", "relation", "colour"}  # no "order": one object, nothing to swap

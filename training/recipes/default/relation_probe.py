@@ -2,23 +2,28 @@
 with edited ones, under the same noise: a model that uses a part of the prompt does worse when it is wrong.
 
     python training/recipes/default/relation_probe.py --model weights/shapes-tiny [--scenes 96]
+    python training/recipes/default/relation_probe.py --model DIR --data runs/side   # side_data.py's folder
 
 Edits: `relation` (left <-> right, above <-> below: the layout should mirror), `order` (the two objects
 swapped around the relation word: same), `colour` (colour words swapped: a calibration, every model that
 draws colours uses them). Prints the eps-MSE with the true caption and the change per edit, at several
 noise levels. Near 0 % for `relation` and `order` means the relation is ignored (layouts are a guess).
+With --data, the images and captions of a folder (metadata.jsonl) are probed instead, with the edits that
+apply to every caption (for side_data.py's: `relation`, which swaps the side words, and `colour`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
 
-SIDES = {"left": "right", "right": "left", "above": "below", "below": "above"}
+SIDES = {"left": "right", "right": "left", "above": "below", "below": "above", "top": "bottom", "bottom": "top"}
 COLOURS = {"red": "green", "green": "red", "blue": "yellow", "yellow": "blue"}
 COLOURS |= {"pink": "cyan", "cyan": "pink", "orange": "purple", "purple": "orange"}
 PAIR = re.compile(r"(an? \w+ \w+) (to the left of|to the right of|above|below) (an? \w+ \w+)(.*)")
@@ -29,9 +34,9 @@ def swap_words(caption: str, table: dict[str, str]) -> str:
     return " ".join(table.get(w, w) for w in caption.split(" "))
 
 
-def swap_objects(caption: str) -> str:
+def swap_objects(caption: str) -> str | None:
     m = PAIR.fullmatch(caption)
-    return f"{m.group(3)} {m.group(2)} {m.group(1)}{m.group(4)}"
+    return None if m is None else f"{m.group(3)} {m.group(2)} {m.group(1)}{m.group(4)}"
 
 
 EDITS = {
@@ -48,21 +53,34 @@ def scenes_and_captions(count: int, seed: int):
     rng = np.random.default_rng(seed)
     held = heldout_combinations()
     scenes = [sample_scene(rng, category="position", exclude=held) for _ in range(count)]
-    pixels = [torch.from_numpy(np.asarray(render(s), dtype=np.float32) / 127.5 - 1.0) for s in scenes]
-    return torch.stack(pixels).permute(0, 3, 1, 2), [caption(s) for s in scenes]
+    return _stack(render(s) for s in scenes), [caption(s) for s in scenes]
+
+
+def folder_images_and_captions(folder: Path, count: int):
+    from PIL import Image
+
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()][:count]
+    return _stack(Image.open(folder / r["file_name"]).convert("RGB") for r in rows), [r["text"] for r in rows]
+
+
+def _stack(images) -> torch.Tensor:
+    pixels = [torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0) for im in images]
+    return torch.stack(pixels).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()
-def probe(model: str, count: int, seed: int) -> dict[int, dict[str, float]]:
-    """{t: {"true": mse, edit: relative change, ...}}."""
+def probe(model: str, count: int, seed: int, data: Path | None = None) -> dict[int, dict[str, float]]:
+    """{t: {"true": mse, edit: relative change, ...}}: relation scenes, or the first `count` of a folder."""
     from latentdiff.pipeline import LatentDiffusionPipeline
     from latentdiff.schedules import add_noise, alphas_cumprod
 
     pipe = LatentDiffusionPipeline.from_pretrained(model)
-    pixels, captions = scenes_and_captions(count, seed)
+    pixels, captions = scenes_and_captions(count, seed) if data is None else folder_images_and_captions(data, count)
     cfg = pipe.vae.config
     latents = (pipe.vae.encode(pixels).mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
-    contexts = {"true": pipe.encode(captions)} | {k: pipe.encode([f(c) for c in captions]) for k, f in EDITS.items()}
+    edited = {k: [f(c) for c in captions] for k, f in EDITS.items()}
+    edited = {k: v for k, v in edited.items() if None not in v and v != captions}  # the edits that apply
+    contexts = {"true": pipe.encode(captions)} | {k: pipe.encode(v) for k, v in edited.items()}
     ac = alphas_cumprod(pipe.scheduler_config)
     generator = torch.Generator().manual_seed(seed)
     out = {}
@@ -71,7 +89,7 @@ def probe(model: str, count: int, seed: int) -> dict[int, dict[str, float]]:
         steps = torch.full((len(latents),), t)
         noisy = add_noise(latents, noise, steps, ac)
         mse = {k: ((pipe.unet(noisy, steps, ctx) - noise) ** 2).mean().item() for k, ctx in contexts.items()}
-        out[t] = {"true": mse["true"]} | {k: mse[k] / mse["true"] - 1.0 for k in EDITS}
+        out[t] = {"true": mse["true"]} | {k: mse[k] / mse["true"] - 1.0 for k in edited}
     return out
 
 
@@ -80,11 +98,14 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="weights/shapes-tiny")
     p.add_argument("--scenes", type=int, default=96)
     p.add_argument("--seed", type=int, default=4242)
+    p.add_argument("--data", type=Path, default=None, help="a folder with metadata.jsonl instead of relation scenes")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    print(f"{'t':>4}  {'true mse':>9}  " + "  ".join(f"{k:>9}" for k in EDITS))
-    for t, row in probe(args.model, args.scenes, args.seed).items():
-        print(f"{t:>4}  {row['true']:9.4f}  " + "  ".join(f"{row[k]:+9.1%}" for k in EDITS))
+    rows = probe(args.model, args.scenes, args.seed, args.data)
+    edits = [k for k in next(iter(rows.values())) if k != "true"]
+    print(f"{'t':>4}  {'true mse':>9}  " + "  ".join(f"{k:>9}" for k in edits))
+    for t, row in rows.items():
+        print(f"{t:>4}  {row['true']:9.4f}  " + "  ".join(f"{row[k]:+9.1%}" for k in edits))
 
 
 if __name__ == "__main__":
