@@ -37,6 +37,8 @@ def test_probe_sees_that_colours_matter(probe_module):
     assert all(r["true"] > 0 for r in rows.values())
     # the bundled model draws colours from the prompt: wrong colour words must cost it (measured: +5x at t=200)
     assert rows[200]["colour"] > 0.5
+    error, interior, whole = probe_module.position_sense(str(BUNDLED_MODEL))
+    assert all(0.0 <= v < 10.0 for v in (error, interior, whole)) and interior <= whole
 
 
 def _script(name):
