@@ -328,6 +328,9 @@ def test_bad_shapes_mix_is_a_usage_error(model_dir, tmp_path, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "--shapes-mix 'relations=3'" in err and "position" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        run(model_dir, tmp_path / "images", tmp_path / "o", "--shapes-mix", "position=3", steps=1)
+    assert "needs --data shapes" in capsys.readouterr().err
 
 
 def test_accelerate_cpu_launch_is_detected(monkeypatch):

@@ -212,7 +212,7 @@ def sample_scene(seed_or_rng=None, size: int = 64, category: str | dict | None =
             return scene
 
 
-def _sample_scene(rng, size: int, category: str | None) -> Scene:
+def _sample_scene(rng, size: int, category: str | dict | None) -> Scene:
     if category is None:
         category = CATEGORIES[rng.integers(len(CATEGORIES))]
     elif isinstance(category, dict):

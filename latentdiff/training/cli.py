@@ -145,12 +145,15 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.ema is not None and not 0.0 < args.ema < 1.0:
         p.error(f"--ema decay must be in (0, 1), got {args.ema}")
     if args.shapes_mix is not None:
-        from latentdiff.training.data import DataError, parse_shapes_mix
+        from latentdiff.training.data import DataError, parse_shapes_mix, parse_shapes_spec
 
         try:
+            is_shapes = parse_shapes_spec(str(args.data)) is not None
             parse_shapes_mix(args.shapes_mix)
         except DataError as e:
             p.error(str(e))
+        if not is_shapes:
+            p.error(f"--shapes-mix weighs Shapes scenes; it needs --data shapes or shapes:SEED, not {args.data!r}")
     if args.validate_every and not args.validation_prompts:
         p.error("--validate-every needs --validation-prompts")
 
