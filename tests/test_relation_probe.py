@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from latentdiff.pipeline import BUNDLED_MODEL
+from latentdiff.pipeline import BUNDLED_MODEL, LatentDiffusionPipeline
 
 SCRIPT = Path(__file__).resolve().parent.parent / "training" / "recipes" / "default" / "relation_probe.py"
 
@@ -32,12 +32,13 @@ def test_edits(probe_module):
 
 @pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").is_file(), reason="no bundled model")
 def test_probe_sees_that_colours_matter(probe_module):
-    rows = probe_module.probe(str(BUNDLED_MODEL), count=8, seed=1)
+    pipe = LatentDiffusionPipeline.from_pretrained(BUNDLED_MODEL)
+    rows = probe_module.probe(pipe, count=8, seed=1)
     assert list(rows) == list(probe_module.TIMESTEPS)
     assert all(r["true"] > 0 for r in rows.values())
     # the bundled model draws colours from the prompt: wrong colour words must cost it (measured: +5x at t=200)
     assert rows[200]["colour"] > 0.5
-    error, interior, whole = probe_module.position_sense(str(BUNDLED_MODEL))
+    error, interior, whole = probe_module.position_sense(pipe)
     assert all(0.0 <= v < 10.0 for v in (error, interior, whole)) and interior <= whole
 
 
@@ -70,5 +71,5 @@ def test_side_data_captions_name_the_side(tmp_path):
 @pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").is_file(), reason="no bundled model")
 def test_probe_reads_a_folder_with_the_edits_that_apply(probe_module, tmp_path):
     _script("side_data").write(tmp_path, 6, seed=1)
-    rows = probe_module.probe(str(BUNDLED_MODEL), count=6, seed=1, data=tmp_path)
+    rows = probe_module.probe(LatentDiffusionPipeline.from_pretrained(BUNDLED_MODEL), count=6, seed=1, data=tmp_path)
     assert set(rows[500]) == {"true", "relation", "colour"}  # no "order": one object, nothing to swap

@@ -69,12 +69,10 @@ def _stack(images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probe(model: str, count: int, seed: int, data: Path | None = None) -> dict[int, dict[str, float]]:
+def probe(pipe, count: int, seed: int, data: Path | None = None) -> dict[int, dict[str, float]]:
     """{t: {"true": mse, edit: relative change, ...}}: relation scenes, or the first `count` of a folder."""
-    from latentdiff.pipeline import LatentDiffusionPipeline
     from latentdiff.schedules import add_noise, alphas_cumprod
 
-    pipe = LatentDiffusionPipeline.from_pretrained(model)
     pixels, captions = scenes_and_captions(count, seed) if data is None else folder_images_and_captions(data, count)
     cfg = pipe.vae.config
     latents = (pipe.vae.encode(pixels).mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
@@ -94,13 +92,10 @@ def probe(model: str, count: int, seed: int, data: Path | None = None) -> dict[i
 
 
 @torch.no_grad()
-def position_sense(model: str, t: int = 950, shift: int = 4, seed: int = 0) -> tuple[float, float, float]:
+def position_sense(pipe, t: int = 950, shift: int = 4, seed: int = 0) -> tuple[float, float, float]:
     """How much the U-Net knows where it is, at noise level t: (relative error of translation equivariance
     away from the borders: f(roll(x)) vs roll(f(x)); std of its output over the interior for an all-zero
     input; the same over the whole map). Small first two numbers: the interior cannot tell left from right."""
-    from latentdiff.pipeline import LatentDiffusionPipeline
-
-    pipe = LatentDiffusionPipeline.from_pretrained(model)
     context = pipe.encode(["a red circle on the left"] * 8)
     size = pipe.unet.config.sample_size
     x = torch.randn(8, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
@@ -123,12 +118,15 @@ def main(argv=None) -> None:
     p.add_argument("--data", type=Path, default=None, help="a folder with metadata.jsonl instead of relation scenes")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    rows = probe(args.model, args.scenes, args.seed, args.data)
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    rows = probe(pipe, args.scenes, args.seed, args.data)
     edits = [k for k in next(iter(rows.values())) if k != "true"]
     print(f"{'t':>4}  {'true mse':>9}  " + "  ".join(f"{k:>9}" for k in edits))
     for t, row in rows.items():
         print(f"{t:>4}  {row['true']:9.4f}  " + "  ".join(f"{row[k]:+9.1%}" for k in edits))
-    error, interior, whole = position_sense(args.model)
+    error, interior, whole = position_sense(pipe)
     print(
         f"position sense at t=950: translation-equivariance error {error:.1%} away from the borders; "
         f"output std for a zero input {interior:.4f} inside, {whole:.4f} over the whole map"
