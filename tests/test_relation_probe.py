@@ -8,15 +8,20 @@ import pytest
 
 from latentdiff.pipeline import BUNDLED_MODEL, LatentDiffusionPipeline
 
-SCRIPT = Path(__file__).resolve().parent.parent / "training" / "recipes" / "default" / "relation_probe.py"
+RECIPE = Path(__file__).resolve().parent.parent / "training" / "recipes" / "default"
+
+
+def _script(name):
+    """A recipe script (not a package module) loaded by path."""
+    spec = importlib.util.spec_from_file_location(name, RECIPE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def probe_module():
-    spec = importlib.util.spec_from_file_location("relation_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("relation_probe")
 
 
 def test_edits(probe_module):
@@ -40,14 +45,6 @@ def test_probe_sees_that_colours_matter(probe_module):
     assert rows[200]["colour"] > 0.5
     error, interior, whole = probe_module.position_sense(pipe)
     assert all(0.0 <= v < 10.0 for v in (error, interior, whole)) and interior <= whole
-
-
-def _script(name):
-    path = SCRIPT.parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_side_data_captions_name_the_side(tmp_path):
