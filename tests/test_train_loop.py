@@ -76,6 +76,26 @@ def test_loss_falls_on_a_fixed_batch(model_dir):
     assert history[-1] < 0.3 * history[0], history
 
 
+def test_timestep_range_limits_the_noise_levels_trained():
+    from latentdiff.training.losses import diffusion_loss
+
+    seen = []
+
+    def unet(noisy, t, context):
+        seen.append(t.clone())
+        return noisy
+
+    latents, alphas = torch.zeros(64, 4, 2, 2), torch.linspace(0.99, 0.01, 1000)
+    for lo, hi in ((700, 1000), (0, 1), (10, 12)):
+        diffusion_loss(
+            unet, latents, None, alphas, "epsilon", torch.Generator().manual_seed(0), timestep_range=(lo, hi)
+        )
+        assert lo <= seen[-1].min() and seen[-1].max() < hi
+    diffusion_loss(unet, latents, None, alphas, "epsilon", torch.Generator().manual_seed(0))
+    assert seen[-1].min() < 100 and seen[-1].max() >= 900  # the default: all of 0..999
+    assert len(set(seen[0].tolist())) > 30  # uniform within the range, not one value
+
+
 def test_run_writes_final_model_that_loads_and_generates(model_dir, data_dir, tmp_path, capsys):
     from latentdiff.pipeline import LatentDiffusionPipeline
 
@@ -331,6 +351,15 @@ def test_bad_shapes_mix_is_a_usage_error(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(model_dir, tmp_path / "images", tmp_path / "o", "--shapes-mix", "position=3", steps=1)
     assert "needs --data shapes" in capsys.readouterr().err
+
+
+def test_bad_timestep_range_is_an_error(model_dir, data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run(model_dir, data_dir, tmp_path / "o", "--timestep-range", "900", "700", steps=1)
+    assert stop.value.code == 2 and "0 <= LO < HI, got 900 700" in capsys.readouterr().err
+    assert run(model_dir, data_dir, tmp_path / "o", "--timestep-range", "700", "1001", steps=1) == 1
+    err = capsys.readouterr().err
+    assert "use HI <= 1000" in err and "Traceback" not in err
 
 
 def test_accelerate_cpu_launch_is_detected(monkeypatch):

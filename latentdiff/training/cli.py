@@ -114,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     opt.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting (5.0 is usual)")
     opt.add_argument("--noise-offset", type=float, default=0.0)
+    opt.add_argument(
+        "--timestep-range",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="train only on noise levels LO <= t < HI (of the scheduler's T; e.g. 700 1000 for the layout)",
+    )
     opt.add_argument("--max-nan-steps", type=int, default=5, help="stop after this many NaN/inf steps in a row")
 
     out = p.add_argument_group("output")
@@ -154,6 +162,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(str(e))
         if not is_shapes:
             p.error(f"--shapes-mix weighs Shapes scenes; it needs --data shapes or shapes:SEED, not {args.data!r}")
+    if args.timestep_range is not None and not 0 <= args.timestep_range[0] < args.timestep_range[1]:
+        p.error(f"--timestep-range LO HI needs 0 <= LO < HI, got {' '.join(map(str, args.timestep_range))}")
     if args.validate_every and not args.validation_prompts:
         p.error("--validate-every needs --validation-prompts")
 

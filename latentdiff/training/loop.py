@@ -88,6 +88,11 @@ def _train(args, accelerator, out_dir: Path, log, set_seed) -> dict:
     from latentdiff.schedules import alphas_cumprod
 
     alphas = alphas_cumprod(pipe.scheduler_config).to(device)
+    if args.timestep_range is not None and args.timestep_range[1] > len(alphas):
+        raise TrainingError(
+            f"--timestep-range {args.timestep_range[0]} {args.timestep_range[1]} goes past this model's "
+            f"{len(alphas)} training timesteps: use HI <= {len(alphas)}"
+        )
 
     # 2. data
     dataset = build_dataset(args, accelerator, log)
@@ -263,6 +268,7 @@ def train_step(
                     generator,
                     args.noise_offset,
                     args.snr_gamma,
+                    args.timestep_range,
                 )
             if not all_finite(accelerator, loss.detach()):
                 skip = True

@@ -51,11 +51,14 @@ def diffusion_loss(
     generator: torch.Generator,
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
+    timestep_range: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """One training loss (scalar, float32) for clean latents x0 and their text context."""
-    # 1. eps and t ~ U{0..T-1}, both from the training generator
+    """One training loss (scalar, float32) for clean latents x0 and their text context; t is drawn from
+    `timestep_range` [lo, hi) when given (e.g. only the noisy steps, where the layout is decided)."""
+    # 1. eps and t ~ U{lo..hi-1} (default all T), both from the training generator
     noise = sample_noise(latents, generator, noise_offset)
-    t = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator).to(latents.device)
+    lo, hi = timestep_range or (0, len(alphas_cumprod))
+    t = torch.randint(lo, hi, (latents.shape[0],), generator=generator).to(latents.device)
     # 2. forward process q(x_t | x_0) (Ho et al. 2020, eq. 4)
     noisy = add_noise(latents, noise, t, alphas_cumprod)
     target = target_for(prediction_type, latents, noise, t, alphas_cumprod)
