@@ -3,8 +3,10 @@
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from latentdiff.pipeline import BUNDLED_MODEL, LatentDiffusionPipeline
 
@@ -45,6 +47,8 @@ def test_probe_sees_that_colours_matter(probe_module):
     assert rows[200]["colour"] > 0.5
     error, interior, whole = probe_module.position_sense(pipe)
     assert all(0.0 <= v < 10.0 for v in (error, interior, whole)) and interior <= whole
+    layout = probe_module.layout_asymmetry(pipe, samples=2)  # the real pipeline's encode / U-Net calls
+    assert set(layout) == {"side", "pair"} and all(0.0 <= v < 10.0 for v in layout.values())
 
 
 def test_side_data_captions_name_the_side(tmp_path):
@@ -70,3 +74,46 @@ def test_probe_reads_a_folder_with_the_edits_that_apply(probe_module, tmp_path):
     _script("side_data").write(tmp_path, 6, seed=1)
     rows = probe_module.probe(LatentDiffusionPipeline.from_pretrained(BUNDLED_MODEL), count=6, seed=1, data=tmp_path)
     assert set(rows[500]) == {"true", "relation", "colour"}  # no "order": one object, nothing to swap
+
+
+class _LayoutUNet:
+    """x0-hat = +1 on the side the context names (context +1: left, -1: right), -1 on the other half; written
+    as the eps / v / x0 the scheduler config asks for."""
+
+    config = SimpleNamespace(sample_size=8, in_channels=4)
+
+    def __init__(self, scheduler_config):
+        from latentdiff.schedules import alphas_cumprod
+
+        self.kind, self.ac = scheduler_config.prediction_type, alphas_cumprod(scheduler_config)
+
+    def __call__(self, x, steps, context):
+        a, s = self.ac[steps].sqrt().view(-1, 1, 1, 1), (1 - self.ac[steps]).sqrt().view(-1, 1, 1, 1)
+        m = torch.ones_like(x)
+        m[..., 4:] = -1
+        m = m * context[:, 0, 0].view(-1, 1, 1, 1)
+        return {"epsilon": (x - a * m) / s, "v_prediction": (a * x - m) / s}.get(self.kind, m)
+
+
+class _LayoutPipe:
+    """A stand-in pipeline: the prompt's side word becomes the context (+1 left, -1 right; 0 when `blind`)."""
+
+    def __init__(self, prediction_type: str, blind: bool = False):
+        from latentdiff.schedules import ScheduleConfig
+
+        self.scheduler_config = ScheduleConfig(prediction_type=prediction_type)
+        self.unet, self.blind = _LayoutUNet(self.scheduler_config), blind
+
+    def encode(self, prompts):
+        side = [0.0 if self.blind else (1.0 if " left" in p else -1.0) for p in prompts]
+        return torch.tensor(side).view(-1, 1, 1).expand(-1, 2, 3)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_layout_asymmetry_measures_how_far_the_layout_mirrors(probe_module, prediction_type):
+    # x0-hat = +-1 on each half, mirrored by the side word: per channel (left half - right half) of the
+    # difference is 4, over 4 channels |.| = 8, halved: 4
+    values = probe_module.layout_asymmetry(_LayoutPipe(prediction_type), samples=4)
+    assert values == pytest.approx({"side": 4.0, "pair": 4.0}, rel=1e-4)
+    blind = probe_module.layout_asymmetry(_LayoutPipe(prediction_type, blind=True), samples=4)
+    assert blind == pytest.approx({"side": 0.0, "pair": 0.0}, abs=1e-5)
