@@ -117,3 +117,21 @@ def test_layout_asymmetry_measures_how_far_the_layout_mirrors(probe_module, pred
     assert values == pytest.approx({"side": 4.0, "pair": 4.0}, rel=1e-4)
     blind = probe_module.layout_asymmetry(_LayoutPipe(prediction_type, blind=True), samples=4)
     assert blind == pytest.approx({"side": 0.0, "pair": 0.0}, abs=1e-5)
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").is_file(), reason="no bundled model")
+def test_side_learning_runs_both_targets(tmp_path, capsys):
+    side_learning = _script("side_learning")
+    side_learning.main(["--model", str(BUNDLED_MODEL), "--target", "halves", "--steps", "1", "--batch-size", "2"])
+    assert capsys.readouterr().out.startswith("step     0  halves error ")
+    argv = ["--model", str(BUNDLED_MODEL), "--data", str(tmp_path), "--kinds", "1", "--steps", "1"]
+    with pytest.raises(SystemExit, match="has no metadata.jsonl"):
+        side_learning.main(argv)
+    _script("side_data").write(tmp_path, 3, seed=0)
+    with pytest.raises(SystemExit, match="no image of 'red circle on the left'"):
+        side_learning.main(argv)
+    _script("side_data").write(tmp_path, 1500, seed=0)  # enough for a red circle on either side
+    side_learning.main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("step     0  side asymmetry ") and lines[1].startswith("trained: red circle ")
+    assert lines[2].startswith("unseen: green circle ")

@@ -134,19 +134,22 @@ def predicted_x0(pipe, noisy: torch.Tensor, steps: torch.Tensor, context: torch.
 
 
 @torch.no_grad()
-def layout_asymmetry(pipe, t: int = 950, samples: int = 32, seed: int = 0) -> dict[str, float]:
+def layout_asymmetry(
+    pipe, t: int = 950, samples: int = 32, seed: int = 0, objects=LAYOUT_OBJECTS, kinds=tuple(LAYOUT_PROMPTS)
+) -> dict[str, float]:
     """{"side", "pair"}: how much the mean predicted layout at noise level t mirrors when "left" becomes
     "right" in the prompt: |(left half - right half) of (x0-hat(left prompt) - x0-hat(right prompt))| / 2 in
-    latent units, averaged over LAYOUT_OBJECTS. The loss probe barely sees the layout (at high t it weighs
-    an x0 error by SNR, < 1 %); this does. Near 0: the side word does not move anything. For reference, the
-    same number for the training images themselves ("a red circle on the left/right", side_data.py): ~0.4."""
+    latent units, averaged over `objects` ((a, b) pairs; b is only used by "pair"). The loss probe barely
+    sees the layout (at high t it weighs an x0 error by SNR, < 1 %); this does. Near 0: the side word does
+    not move anything. For reference, the same number for the training images themselves ("a red circle on
+    the left/right", side_data.py): ~0.4."""
     size = pipe.unet.config.sample_size
     x = torch.randn(samples, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
     steps = torch.full((samples,), t)
     out = {}
-    for kind, templates in LAYOUT_PROMPTS.items():
-        values = []
-        for a, b in LAYOUT_OBJECTS:
+    for kind in kinds:
+        values, templates = [], LAYOUT_PROMPTS[kind]
+        for a, b in objects:
             left, right = (
                 predicted_x0(pipe, x, steps, pipe.encode([p.format(a=a, b=b)] * samples)).mean(0) for p in templates
             )
