@@ -122,8 +122,11 @@ def test_layout_asymmetry_measures_how_far_the_layout_mirrors(probe_module, pred
 @pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").is_file(), reason="no bundled model")
 def test_side_learning_runs_both_targets(tmp_path, capsys):
     side_learning = _script("side_learning")
-    side_learning.main(["--model", str(BUNDLED_MODEL), "--target", "halves", "--steps", "1", "--batch-size", "2"])
-    assert capsys.readouterr().out.startswith("step     0  halves error ")
+    for fresh in ([], ["--fresh"]):
+        side_learning.main(
+            ["--model", str(BUNDLED_MODEL), "--target", "halves", "--steps", "1", "--batch-size", "2"] + fresh
+        )
+        assert capsys.readouterr().out.startswith("step     0  halves error ")
     argv = ["--model", str(BUNDLED_MODEL), "--data", str(tmp_path), "--kinds", "1", "--steps", "1"]
     with pytest.raises(SystemExit, match="has no metadata.jsonl"):
         side_learning.main(argv)

@@ -1,5 +1,6 @@
 """How fast can a U-Net learn to draw an object on the side its prompt names? A short loop beside train.py,
-text encoder frozen, that prints `relation_probe.layout_asymmetry` ("side", first object) every 100 steps.
+text encoder frozen, that prints `relation_probe.layout_asymmetry` ("side": red circle, green star, pink
+square) every 100 steps.
 
     python training/recipes/default/side_learning.py --model DIR --data runs/side --kinds 8 --steps 1200
     python training/recipes/default/side_learning.py --model DIR --target halves --steps 400
@@ -112,6 +113,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--fresh", action="store_true", help="a freshly initialised U-Net of the model's config")
     args = p.parse_args(argv)
     if args.target == "images" and args.data is None:
         p.error("--target images needs --data (a folder written by side_data.py)")
@@ -121,6 +123,11 @@ def main(argv=None) -> None:
     from latentdiff.pipeline import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32)
+    if args.fresh:
+        from latentdiff.unet import UNet
+
+        torch.manual_seed(0)
+        pipe.unet = UNet(pipe.unet.config)
     name = "halves error" if args.target == "halves" else "side asymmetry"
     for step, number in train(pipe, args.target, args.steps, args.lr, args.batch_size, args.data, args.kinds):
         print(f"step {step:5d}  {name} {number:.4f}", flush=True)
