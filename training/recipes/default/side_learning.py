@@ -84,11 +84,14 @@ def train(pipe, target: str, steps: int, lr: float, batch: int, data: Path | Non
     for step in range(steps + 1):
         k = torch.randint(0, len(captions), (batch,), generator=g)
         if target == "halves":
-            x, t = torch.randn(batch, *halves.shape[1:], generator=g), torch.full((batch,), 999)
+            x, t = torch.randn(batch, *halves.shape[1:], generator=g), torch.full((batch,), len(ac) - 1)
             error = ((unet(x, t, contexts[k]) - halves[k]) ** 2).mean()
         else:
             x0 = torch.stack([latents[i][torch.randint(0, len(latents[i]), (1,), generator=g).item()] for i in k])
-            t, noise = torch.randint(700, 1000, (batch,), generator=g), torch.randn(x0.shape, generator=g)
+            t, noise = (
+                torch.randint(len(ac) * 7 // 10, len(ac), (batch,), generator=g),
+                torch.randn(x0.shape, generator=g),
+            )
             goal = target_for(pipe.scheduler_config.prediction_type, x0, noise, t, ac)
             error = ((unet(add_noise(x0, noise, t, ac), t, contexts[k]) - goal) ** 2).mean()
         if step % 100 == 0:
