@@ -56,19 +56,27 @@ def scenes_and_captions(count: int, seed: int):
     rng = np.random.default_rng(seed)
     held = heldout_combinations()
     scenes = [sample_scene(rng, category="position", exclude=held) for _ in range(count)]
-    return _stack(render(s) for s in scenes), [caption(s) for s in scenes]
+    return stack_pixels(render(s) for s in scenes), [caption(s) for s in scenes]
 
 
 def folder_images_and_captions(folder: Path, count: int):
     from PIL import Image
 
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()][:count]
-    return _stack(Image.open(folder / r["file_name"]).convert("RGB") for r in rows), [r["text"] for r in rows]
+    return stack_pixels(Image.open(folder / r["file_name"]).convert("RGB") for r in rows), [r["text"] for r in rows]
 
 
-def _stack(images) -> torch.Tensor:
+def stack_pixels(images) -> torch.Tensor:
+    """RGB images -> (N, 3, H, W) in [-1, 1]."""
     pixels = [torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0) for im in images]
     return torch.stack(pixels).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def encode_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE posterior means, shifted and scaled as the U-Net sees them."""
+    cfg = pipe.vae.config
+    return (pipe.vae.encode(pixels).mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
 
 @torch.no_grad()
@@ -77,8 +85,7 @@ def probe(pipe, count: int, seed: int, data: Path | None = None) -> dict[int, di
     from latentdiff.schedules import add_noise, alphas_cumprod
 
     pixels, captions = scenes_and_captions(count, seed) if data is None else folder_images_and_captions(data, count)
-    cfg = pipe.vae.config
-    latents = (pipe.vae.encode(pixels).mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+    latents = encode_latents(pipe, pixels)
     edited = {k: [f(c) for c in captions] for k, f in EDITS.items()}
     edited = {k: v for k, v in edited.items() if None not in v and v != captions}  # the edits that apply
     contexts = {"true": pipe.encode(captions)} | {k: pipe.encode(v) for k, v in edited.items()}
@@ -128,9 +135,11 @@ def predicted_x0(pipe, noisy: torch.Tensor, steps: torch.Tensor, context: torch.
     a, s = ac.sqrt(), (1 - ac).sqrt()
     out = pipe.unet(noisy, steps, context)
     kind = pipe.scheduler_config.prediction_type
-    return {"epsilon": lambda: (noisy - s * out) / a, "v_prediction": lambda: a * noisy - s * out}.get(
-        kind, lambda: out
-    )()
+    if kind == "epsilon":
+        return (noisy - s * out) / a
+    if kind == "v_prediction":
+        return a * noisy - s * out
+    return out  # "sample": x0 itself
 
 
 @torch.no_grad()

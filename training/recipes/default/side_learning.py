@@ -17,11 +17,11 @@ cannot tell the halves apart, 0 = learnt).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 OBJECTS = ("red circle", "blue square", "green star", "yellow triangle", "pink square", "cyan circle")
@@ -30,14 +30,19 @@ UNSEEN = ("green circle", "red square", "blue star", "yellow square")
 SIDES = ("on the left", "on the right")
 
 
-def layout_asymmetry(pipe, **kwargs) -> dict[str, float]:
-    """relation_probe.layout_asymmetry, from the script beside this one (the recipe folder is no package)."""
+@functools.cache
+def relation_probe():
+    """The script beside this one (the recipe folder is no package), loaded once."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("relation_probe", Path(__file__).with_name("relation_probe.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.layout_asymmetry(pipe, **kwargs)
+    return module
+
+
+def layout_asymmetry(pipe, **kwargs) -> dict[str, float]:
+    return relation_probe().layout_asymmetry(pipe, **kwargs)
 
 
 def side_latents(pipe, folder: Path, objects, per_caption: int) -> tuple[list[str], list[torch.Tensor]]:
@@ -54,11 +59,8 @@ def side_latents(pipe, folder: Path, objects, per_caption: int) -> tuple[list[st
             names = [r["file_name"] for r in rows if r["text"].split(" ", 1)[1].startswith(f"{obj} {side}")]
             if not names:
                 raise SystemExit(f"side_learning: no image of '{obj} {side}' in {folder}; make more with side_data.py")
-            pixels = [np.asarray(Image.open(folder / n).convert("RGB"), np.float32) for n in names[:per_caption]]
-            x = torch.from_numpy(np.stack(pixels) / 127.5 - 1.0).permute(0, 3, 1, 2)
-            cfg = pipe.vae.config
-            with torch.no_grad():
-                latents.append((pipe.vae.encode(x).mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor)
+            pixels = relation_probe().stack_pixels(Image.open(folder / n).convert("RGB") for n in names[:per_caption])
+            latents.append(relation_probe().encode_latents(pipe, pixels))
             captions.append(f"a {obj} {side}")
     return captions, latents
 
