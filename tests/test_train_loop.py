@@ -96,6 +96,36 @@ def test_timestep_range_limits_the_noise_levels_trained():
     assert len(set(seen[0].tolist())) > 30  # uniform within the range, not one value
 
 
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_v_space_loss_is_the_v_error_of_the_same_prediction(kind):
+    """Whatever the U-Net predicts, the weighted loss must equal the MSE of the v it implies (x_t fixed)."""
+    from latentdiff.schedules import velocity_target
+    from latentdiff.training.losses import diffusion_loss
+
+    alphas = torch.linspace(0.999, 0.004, 1000)
+    latents, seen = torch.randn(64, 4, 3, 3, generator=torch.Generator().manual_seed(1)), {}
+
+    def unet(noisy, t, context):  # a wrong prediction, remembered to rebuild its v by hand
+        seen.update(noisy=noisy, t=t, pred=0.5 * noisy + 0.1)
+        return seen["pred"]
+
+    loss = diffusion_loss(unet, latents, None, alphas, kind, torch.Generator().manual_seed(0), v_space=True)
+    a = alphas[seen["t"]].view(-1, 1, 1, 1)
+    noisy, pred = seen["noisy"], seen["pred"]
+    if kind == "epsilon":
+        x0, eps = (noisy - (1 - a).sqrt() * pred) / a.sqrt(), pred
+    elif kind == "sample":
+        x0, eps = pred, (noisy - a.sqrt() * pred) / (1 - a).sqrt()
+    else:
+        x0, eps = a.sqrt() * noisy - (1 - a).sqrt() * pred, (1 - a).sqrt() * noisy + a.sqrt() * pred
+    true_eps = (noisy - a.sqrt() * latents) / (1 - a).sqrt()
+    v_hat = velocity_target(x0, eps, seen["t"], alphas)
+    v_true = velocity_target(latents, true_eps, seen["t"], alphas)
+    expected = ((v_hat - v_true) ** 2).mean(dim=(1, 2, 3)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert seen["t"].max() > 900  # the noisiest steps were in the draw (where the weights differ most)
+
+
 def test_run_writes_final_model_that_loads_and_generates(model_dir, data_dir, tmp_path, capsys):
     from latentdiff.pipeline import LatentDiffusionPipeline
 
@@ -360,6 +390,13 @@ def test_bad_timestep_range_is_an_error(model_dir, data_dir, tmp_path, capsys):
     assert run(model_dir, data_dir, tmp_path / "o", "--timestep-range", "700", "1001", steps=1) == 1
     err = capsys.readouterr().err
     assert "use HI <= 1000" in err and "Traceback" not in err
+
+
+def test_two_loss_weightings_are_a_usage_error(model_dir, data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run(model_dir, data_dir, tmp_path / "o", "--v-space-loss", "--snr-gamma", "5", steps=1)
+    assert stop.value.code == 2 and "choose one" in capsys.readouterr().err
+    assert run(model_dir, data_dir, tmp_path / "o", "--v-space-loss", steps=1) == 0
 
 
 def test_accelerate_cpu_launch_is_detected(monkeypatch):

@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep EMA weights (decay 0.9999 if no value) for validation and export",
     )
     opt.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting (5.0 is usual)")
+    opt.add_argument(
+        "--v-space-loss",
+        action="store_true",
+        help="weigh every noise level as a v-prediction loss would (x0 weight SNR+1), whatever the model predicts",
+    )
     opt.add_argument("--noise-offset", type=float, default=0.0)
     opt.add_argument(
         "--timestep-range",
@@ -162,6 +167,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(str(e))
         if not is_shapes:
             p.error(f"--shapes-mix weighs Shapes scenes; it needs --data shapes or shapes:SEED, not {args.data!r}")
+    if args.v_space_loss and args.snr_gamma is not None:
+        p.error("--v-space-loss and --snr-gamma are two loss weightings; choose one")
     if args.timestep_range is not None and not 0 <= args.timestep_range[0] < args.timestep_range[1]:
         p.error(f"--timestep-range LO HI needs 0 <= LO < HI, got {' '.join(map(str, args.timestep_range))}")
     if args.validate_every and not args.validation_prompts:

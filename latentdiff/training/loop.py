@@ -269,6 +269,7 @@ def train_step(
                     args.noise_offset,
                     args.snr_gamma,
                     args.timestep_range,
+                    args.v_space_loss,
                 )
             if not all_finite(accelerator, loss.detach()):
                 skip = True

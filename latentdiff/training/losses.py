@@ -42,6 +42,24 @@ def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
     return clipped
 
 
+def v_space_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Weights that turn the model's own MSE into the MSE its output would have as a v-prediction.
+
+    An error d in eps is an error d / sqrt(abar) in v, and an error d in x0 one of d / sqrt(1 - abar); in x0
+    space that is the weight SNR + 1 at every t. For an eps-model this lifts the noisiest steps, where the
+    layout is decided, from the weight SNR (0.005 at t = 999 of the SD schedule) to about 1, while it keeps
+    sampling as it was (the parameterisation, and so how the first step sees an all-noise input, is unchanged).
+    """
+    abar = alphas_cumprod.to(t.device)[t].float()
+    if prediction_type == "epsilon":
+        return 1.0 / abar.clamp(min=1e-8)
+    if prediction_type == "v_prediction":
+        return torch.ones_like(abar)
+    if prediction_type == "sample":
+        return 1.0 / (1.0 - abar).clamp(min=1e-8)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; choose from epsilon, v_prediction, sample")
+
+
 def diffusion_loss(
     unet,
     latents: torch.Tensor,
@@ -52,9 +70,11 @@ def diffusion_loss(
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
     timestep_range: tuple[int, int] | None = None,
+    v_space: bool = False,
 ) -> torch.Tensor:
     """One training loss (scalar, float32) for clean latents x0 and their text context; t is drawn from
-    `timestep_range` [lo, hi) when given (e.g. only the noisy steps, where the layout is decided)."""
+    `timestep_range` [lo, hi) when given (e.g. only the noisy steps, where the layout is decided); `v_space`
+    weighs each sample as a v-prediction loss (see `v_space_weights`), `snr_gamma` as min-SNR."""
     # 1. eps and t ~ U{lo..hi-1} (default all T), both from the training generator
     noise = sample_noise(latents, generator, noise_offset)
     lo, hi = timestep_range or (0, len(alphas_cumprod))
@@ -67,4 +87,6 @@ def diffusion_loss(
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
     if snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(t, alphas_cumprod, snr_gamma, prediction_type).to(per_sample.device)
+    if v_space:
+        per_sample = per_sample * v_space_weights(t, alphas_cumprod, prediction_type).to(per_sample.device)
     return per_sample.mean()

@@ -5,9 +5,9 @@ square) every 100 steps.
     python training/recipes/default/side_learning.py --model DIR --data runs/side --kinds 8 --steps 1200
     python training/recipes/default/side_learning.py --model DIR --target halves --steps 400
 
---target images (default): the model's own denoising loss (eps / v / x0, unweighted) at t in [700, 1000),
-on side_data.py images of the first --kinds objects of OBJECTS, left and right only, captioned "a <object>
-on the left|right". At the end: the asymmetry of every trained object and of UNSEEN ones (never trained
+--target images (default): the model's own denoising loss (eps / v / x0, unweighted; --v-space: weighed as
+a v-prediction loss) at t in [700, 1000), on side_data.py images of the first --kinds objects of OBJECTS,
+left and right only, captioned "a <object> on the left|right". At the end: the asymmetry of every trained object and of UNSEEN ones (never trained
 here: does "left" carry over?). The same pictures' own asymmetry is ~0.4.
 --target halves: a capacity check without data. From pure noise at t=999 the U-Net must output +1 on the
 half the prompt names and -1 on the other ("a red circle on the left|right"); prints the error (1.0 = it
@@ -65,10 +65,10 @@ def side_latents(pipe, folder: Path, objects, per_caption: int) -> tuple[list[st
     return captions, latents
 
 
-def train(pipe, target: str, steps: int, lr: float, batch: int, data: Path | None, kinds: int, seed: int = 0):
+def train(pipe, target, steps, lr, batch, data: Path | None, kinds: int, v_space: bool = False, seed: int = 0):
     """Train pipe.unet in place; yield (step, number) every 100 steps: the asymmetry, or the halves error."""
     from latentdiff.schedules import add_noise, alphas_cumprod
-    from latentdiff.training.losses import target_for
+    from latentdiff.training.losses import target_for, v_space_weights
 
     ac = alphas_cumprod(pipe.scheduler_config)
     if target == "halves":
@@ -94,8 +94,10 @@ def train(pipe, target: str, steps: int, lr: float, batch: int, data: Path | Non
                 torch.randint(len(ac) * 7 // 10, len(ac), (batch,), generator=g),
                 torch.randn(x0.shape, generator=g),
             )
-            goal = target_for(pipe.scheduler_config.prediction_type, x0, noise, t, ac)
-            error = ((unet(add_noise(x0, noise, t, ac), t, contexts[k]) - goal) ** 2).mean()
+            kind = pipe.scheduler_config.prediction_type
+            goal = target_for(kind, x0, noise, t, ac)
+            per_sample = ((unet(add_noise(x0, noise, t, ac), t, contexts[k]) - goal) ** 2).mean(dim=(1, 2, 3))
+            error = (per_sample * (v_space_weights(t, ac, kind) if v_space else 1.0)).mean()
         if step % 100 == 0:
             unet.eval()
             number = error.item() if target == "halves" else layout_asymmetry(pipe, kinds=("side",))["side"]
@@ -118,6 +120,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--v-space", action="store_true", help="weigh the loss as v-prediction would (train.py's --v-space-loss)"
+    )
     p.add_argument("--fresh", action="store_true", help="a freshly initialised U-Net of the model's config")
     args = p.parse_args(argv)
     if args.target == "images" and args.data is None:
@@ -134,7 +139,9 @@ def main(argv=None) -> None:
         torch.manual_seed(0)
         pipe.unet = UNet(pipe.unet.config)
     name = "halves error" if args.target == "halves" else "side asymmetry"
-    for step, number in train(pipe, args.target, args.steps, args.lr, args.batch_size, args.data, args.kinds):
+    for step, number in train(
+        pipe, args.target, args.steps, args.lr, args.batch_size, args.data, args.kinds, args.v_space
+    ):
         print(f"step {step:5d}  {name} {number:.4f}", flush=True)
     if args.target == "images":
         for label, objects in (("trained", OBJECTS[: args.kinds]), ("unseen", UNSEEN)):
