@@ -1,8 +1,13 @@
 """Single Shapes objects placed clearly on one side of the image, captioned with that side ("a red circle on
 the left", "one blue star at the top on a gray background"): the simplest test of whether a U-Net can learn
 where to draw from a word. Writes DIR/000000.png ... and DIR/metadata.jsonl (train.py reads the folder).
+With --scenes, ordinary Shapes training scenes follow (paraphrased captions, the held-out suite's combinations
+left out, as train.py's `--data shapes`), weighted by --shapes-mix: a folder that teaches the sides and keeps
+everything else.
 
     python training/recipes/default/side_data.py --out runs/side --count 20000 [--seed 5]
+    python training/recipes/default/side_data.py --out runs/mix --count 20000 --scenes 40000 \
+        --shapes-mix position=4,two_objects=2,counting=2
 """
 
 from __future__ import annotations
@@ -39,14 +44,28 @@ def side_examples(count: int, seed: int):
         yield scene, text
 
 
-def write(out: Path, count: int, seed: int) -> Path:
+def shapes_examples(count: int, seed: int, mix: dict[str, float] | None):
+    """Yield (image, caption) of train.py's `--data shapes` kind (held-out combinations excluded)."""
+    from latentdiff.data.shapes import ShapesDataset
+    from latentdiff.training.data import heldout_combinations
+
+    scenes = ShapesDataset(count, seed=seed, paraphrase=True, exclude=heldout_combinations(), mix=mix)
+    for i in range(count):
+        example = scenes[i]
+        yield example["image"], example["text"]
+
+
+def write(out: Path, count: int, seed: int, scenes: int = 0, mix: dict[str, float] | None = None) -> Path:
+    import itertools
+
     from latentdiff.data.shapes import render
 
+    sides = ((render(scene), text) for scene, text in side_examples(count, seed))
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
-        for i, (scene, text) in enumerate(side_examples(count, seed)):
+        for i, (image, text) in enumerate(itertools.chain(sides, shapes_examples(scenes, seed, mix))):
             name = f"{i:06d}.png"
-            render(scene).save(out / name, compress_level=1)
+            image.save(out / name, compress_level=1)
             f.write(json.dumps({"file_name": name, "text": text}) + "\n")
     return out / "metadata.jsonl"
 
@@ -56,8 +75,16 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--count", type=int, default=20000)
     p.add_argument("--seed", type=int, default=5)
+    p.add_argument("--scenes", type=int, default=0, help="ordinary Shapes training scenes to add after the sides")
+    p.add_argument("--shapes-mix", default=None, help="their category weights, as train.py's --shapes-mix")
     args = p.parse_args(argv)
-    print(write(args.out, args.count, args.seed))
+    from latentdiff.training.data import DataError, parse_shapes_mix
+
+    try:
+        mix = parse_shapes_mix(args.shapes_mix)
+    except DataError as e:
+        p.error(str(e))
+    print(write(args.out, args.count, args.seed, args.scenes, mix))
 
 
 if __name__ == "__main__":
