@@ -69,6 +69,17 @@ def test_side_data_captions_name_the_side(tmp_path):
         assert f"{obj.color} {obj.shape}" in text
 
 
+def test_side_data_adds_shapes_scenes_of_the_mix(tmp_path):
+    from latentdiff.training.data import parse_shapes_mix
+
+    _script("side_data").write(tmp_path, 3, seed=2, scenes=12, mix=parse_shapes_mix("position=1000000"))
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 15 and all((tmp_path / r["file_name"]).is_file() for r in rows)
+    relation_words = ("left", "right", "above", "below", "over", "under", "top", "bottom")
+    scenes = [r["text"] for r in rows[3:]]
+    assert all(any(w in text.replace(",", " ").split() for w in relation_words) for text in scenes), scenes
+
+
 @pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").is_file(), reason="no bundled model")
 def test_probe_reads_a_folder_with_the_edits_that_apply(probe_module, tmp_path):
     _script("side_data").write(tmp_path, 6, seed=1)
@@ -134,7 +145,7 @@ def test_side_learning_runs_both_targets(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no image of 'red circle on the left'"):
         side_learning.main(argv)
     _script("side_data").write(tmp_path, 1500, seed=0)  # enough for a red circle on either side
-    side_learning.main(argv)
+    side_learning.main(argv + ["--v-space"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("step     0  side asymmetry ") and lines[1].startswith("trained: red circle ")
     assert lines[2].startswith("unseen: green circle ")
