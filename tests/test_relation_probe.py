@@ -80,6 +80,16 @@ def test_side_data_adds_shapes_scenes_of_the_mix(tmp_path):
     assert all(any(w in text.replace(",", " ").split() for w in relation_words) for text in scenes), scenes
 
 
+def test_side_data_canonical_words_everything_as_the_suite_does(tmp_path):
+    from latentdiff.eval.captions import format_caption, parse_caption
+
+    _script("side_data").write(tmp_path, 30, seed=4, scenes=20, canonical=True)
+    texts = [json.loads(line)["text"] for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert not any(t.startswith("one ") for t in texts[:30])  # side examples: "a/an <colour> <shape> <side>"
+    assert all(t.split(" ", 1)[0] == ("an" if t.split(" ")[1][0] in "aeiou" else "a") for t in texts[:30])
+    assert all(format_caption(parse_caption(t)) == t for t in texts[30:]), texts[30:]
+
+
 @pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").is_file(), reason="no bundled model")
 def test_probe_reads_a_folder_with_the_edits_that_apply(probe_module, tmp_path):
     _script("side_data").write(tmp_path, 6, seed=1)

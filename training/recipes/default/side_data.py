@@ -21,8 +21,9 @@ import numpy as np
 MIN_OFFSET = 10  # pixels of a 64 canvas between the object's centre and the middle line: clearly one side
 
 
-def side_examples(count: int, seed: int):
-    """Yield (scene, caption) with the side phrase after the object and before any background phrase."""
+def side_examples(count: int, seed: int, canonical: bool = False):
+    """Yield (scene, caption) with the side phrase after the object and before any background phrase;
+    `canonical`: the object always as "a/an <colour> <shape>", as the held-out suite words it (not "one ...")."""
     from latentdiff.data.shapes import Scene, _phrase, sample_scene
 
     rng = np.random.default_rng(seed)
@@ -37,33 +38,37 @@ def side_examples(count: int, seed: int):
             offset, sides = obj.cy - middle, ("at the top", "at the bottom")
         if abs(offset) < MIN_OFFSET * scene.size / 64:
             continue
-        text = f"{_phrase(rng, obj.color, obj.shape)} {sides[offset > 0]}"
+        phrase = _phrase(rng, obj.color, obj.shape)
+        if canonical and phrase.startswith("one "):
+            phrase = ("an " if obj.color[0] in "aeiou" else "a ") + phrase[4:]
+        text = f"{phrase} {sides[offset > 0]}"
         if rng.integers(2):
             text += f" on a {scene.background} background"
         made += 1
         yield scene, text
 
 
-def shapes_examples(count: int, seed: int, mix: dict[str, float] | None):
-    """Yield (image, caption) of train.py's `--data shapes` kind (held-out combinations excluded)."""
+def shapes_examples(count: int, seed: int, mix: dict[str, float] | None, canonical: bool = False):
+    """Yield (image, caption) of train.py's `--data shapes` kind (held-out combinations excluded); `canonical`:
+    the suite's wording ("a red circle to the left of a blue square on a gray background"), no paraphrases."""
     from latentdiff.data.shapes import ShapesDataset
     from latentdiff.training.data import heldout_combinations
 
-    scenes = ShapesDataset(count, seed=seed, paraphrase=True, exclude=heldout_combinations(), mix=mix)
+    scenes = ShapesDataset(count, seed=seed, paraphrase=not canonical, exclude=heldout_combinations(), mix=mix)
     for i in range(count):
         example = scenes[i]
         yield example["image"], example["text"]
 
 
-def write(out: Path, count: int, seed: int, scenes: int = 0, mix: dict[str, float] | None = None) -> Path:
+def write(out: Path, count: int, seed: int, scenes: int = 0, mix=None, canonical: bool = False) -> Path:
     import itertools
 
     from latentdiff.data.shapes import render
 
-    sides = ((render(scene), text) for scene, text in side_examples(count, seed))
+    sides = ((render(scene), text) for scene, text in side_examples(count, seed, canonical))
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
-        for i, (image, text) in enumerate(itertools.chain(sides, shapes_examples(scenes, seed, mix))):
+        for i, (image, text) in enumerate(itertools.chain(sides, shapes_examples(scenes, seed, mix, canonical))):
             name = f"{i:06d}.png"
             image.save(out / name, compress_level=1)
             f.write(json.dumps({"file_name": name, "text": text}) + "\n")
@@ -77,6 +82,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--scenes", type=int, default=0, help="ordinary Shapes training scenes to add after the sides")
     p.add_argument("--shapes-mix", default=None, help="their category weights, as train.py's --shapes-mix")
+    p.add_argument("--canonical", action="store_true", help="the held-out suite's wording only, no paraphrases")
     args = p.parse_args(argv)
     from latentdiff.training.data import DataError, parse_shapes_mix
 
@@ -84,7 +90,7 @@ def main(argv=None) -> None:
         mix = parse_shapes_mix(args.shapes_mix)
     except DataError as e:
         p.error(str(e))
-    print(write(args.out, args.count, args.seed, args.scenes, mix))
+    print(write(args.out, args.count, args.seed, args.scenes, mix, args.canonical))
 
 
 if __name__ == "__main__":
