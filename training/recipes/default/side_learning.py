@@ -7,8 +7,9 @@ square) every 100 steps.
 
 --target images (default): the model's own denoising loss (eps / v / x0, unweighted; --v-space: weighed as
 a v-prediction loss) at t in [700, 1000), on side_data.py images of the first --kinds objects of OBJECTS,
-left and right only, captioned "a <object> on the left|right". At the end: the asymmetry of every trained object and of UNSEEN ones (never trained
-here: does "left" carry over?). The same pictures' own asymmetry is ~0.4.
+left and right only, captioned "a <object> on the left|right". At the end: the asymmetry of every trained
+object and of UNSEEN ones (never trained here: does "left" carry over?). The same pictures' own asymmetry
+is ~0.4.
 --target halves: a capacity check without data. From pure noise at t=999 the U-Net must output +1 on the
 half the prompt names and -1 on the other ("a red circle on the left|right"); prints the error (1.0 = it
 cannot tell the halves apart, 0 = learnt).
