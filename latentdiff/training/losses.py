@@ -16,6 +16,10 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset
     return noise.to(latents.device, latents.dtype)
 
 
+def unknown_prediction_type(prediction_type: str) -> ValueError:
+    return ValueError(f"unknown prediction_type {prediction_type!r}; choose from epsilon, v_prediction, sample")
+
+
 def target_for(prediction_type: str, latents, noise, t, alphas_cumprod) -> torch.Tensor:
     """What the U-Net should output at (x_t, t)."""
     if prediction_type == "epsilon":
@@ -24,7 +28,7 @@ def target_for(prediction_type: str, latents, noise, t, alphas_cumprod) -> torch
         return velocity_target(latents, noise, t, alphas_cumprod)
     if prediction_type == "sample":
         return latents
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; choose from epsilon, v_prediction, sample")
+    raise unknown_prediction_type(prediction_type)
 
 
 def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -57,7 +61,7 @@ def v_space_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_ty
         return torch.ones_like(abar)
     if prediction_type == "sample":
         return 1.0 / (1.0 - abar).clamp(min=1e-8)
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; choose from epsilon, v_prediction, sample")
+    raise unknown_prediction_type(prediction_type)
 
 
 def diffusion_loss(

@@ -25,6 +25,7 @@ def side_examples(count: int, seed: int, canonical: bool = False):
     """Yield (scene, caption) with the side phrase after the object and before any background phrase;
     `canonical`: the object always as "a/an <colour> <shape>", as the held-out suite words it (not "one ...")."""
     from latentdiff.data.shapes import Scene, _phrase, sample_scene
+    from latentdiff.eval.captions import _with_article
 
     rng = np.random.default_rng(seed)
     made = 0
@@ -38,9 +39,9 @@ def side_examples(count: int, seed: int, canonical: bool = False):
             offset, sides = obj.cy - middle, ("at the top", "at the bottom")
         if abs(offset) < MIN_OFFSET * scene.size / 64:
             continue
-        phrase = _phrase(rng, obj.color, obj.shape)
-        if canonical and phrase.startswith("one "):
-            phrase = ("an " if obj.color[0] in "aeiou" else "a ") + phrase[4:]
+        phrase = _phrase(rng, obj.color, obj.shape)  # drawn either way: same scenes with or without canonical
+        if canonical:
+            phrase = _with_article(obj.color, obj.shape)
         text = f"{phrase} {sides[offset > 0]}"
         if rng.integers(2):
             text += f" on a {scene.background} background"
