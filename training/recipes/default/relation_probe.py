@@ -128,18 +128,13 @@ LAYOUT_PROMPTS = {
 
 
 def predicted_x0(pipe, noisy: torch.Tensor, steps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """The U-Net's estimate of the clean latents, whatever it predicts (eps, v or x0)."""
+    """The U-Net's estimate of the clean latents, whatever it predicts (eps, v or x0): the samplers' own
+    conversion."""
+    from latentdiff.samplers import predict_x0_eps
     from latentdiff.schedules import alphas_cumprod
 
-    ac = alphas_cumprod(pipe.scheduler_config)[steps].view(-1, 1, 1, 1)
-    a, s = ac.sqrt(), (1 - ac).sqrt()
-    out = pipe.unet(noisy, steps, context)
-    kind = pipe.scheduler_config.prediction_type
-    if kind == "epsilon":
-        return (noisy - s * out) / a
-    if kind == "v_prediction":
-        return a * noisy - s * out
-    return out  # "sample": x0 itself
+    alpha_bar = alphas_cumprod(pipe.scheduler_config)[steps].view(-1, 1, 1, 1)
+    return predict_x0_eps(pipe.scheduler_config, pipe.unet(noisy, steps, context), noisy, alpha_bar)[0]
 
 
 @torch.no_grad()
