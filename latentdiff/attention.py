@@ -136,6 +136,11 @@ def _fused_linear(owner: nn.Module, name: str, x: torch.Tensor, *layers: nn.Line
     return F.linear(x, *fused)
 
 
+def repeat_batch(x: torch.Tensor, repeats: int) -> torch.Tensor:
+    """x stacked `repeats` times along the batch (x itself for 1): [x, x, ...]."""
+    return x if repeats == 1 else x.repeat(repeats, *([1] * (x.dim() - 1)))
+
+
 class GEGLU(nn.Module):
     """Linear layer with a GELU-gated output, Shazeer 2020 ("GLU variants improve transformer")."""
 
@@ -197,8 +202,12 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, repeats: int = 1) -> torch.Tensor:
+        """`repeats` > 1: x holds one row per sample, widened to the context's rows where it is first read."""
+        if self.only_cross_attention:
+            x, repeats = repeat_batch(x, repeats), 1
         x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
+        x = repeat_batch(x, repeats)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -238,7 +247,8 @@ class SpatialTransformer(Checkpointed):
             for _ in range(num_layers)
         )
 
-    def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, context: torch.Tensor, repeats: int = 1) -> torch.Tensor:
+        """`repeats` > 1: x has one row per sample and the context `repeats` rows per sample (see UNet)."""
         B, _, H, W = x.shape
         h = self.norm(x)
         if not self.use_linear_projection:
@@ -247,13 +257,16 @@ class SpatialTransformer(Checkpointed):
         if self.use_linear_projection:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h, repeats = block(h, context, repeats), 1  # the first block widens the batch
         if self.use_linear_projection:
             h = self.proj_out(h)
-        h = h.reshape(B, H, W, h.shape[-1]).permute(0, 3, 1, 2)  # (B, C, H, W)
+        h = h.reshape(-1, H, W, h.shape[-1]).permute(0, 3, 1, 2)  # (B * repeats, C, H, W)
         if not self.use_linear_projection:
             h = self.proj_out(h.contiguous())
-        return x + h
+        if h.shape[0] == B:
+            return x + h
+        # the residual x (B rows) broadcast over the repeats instead of copied
+        return (h.view(-1, *x.shape) + x).view(h.shape)
 
 
 class VAEAttention(Checkpointed):

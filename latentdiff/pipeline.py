@@ -234,11 +234,12 @@ class LatentDiffusionPipeline:
 
         # 4. Reverse diffusion, with classifier-free guidance (Ho & Salimans 2022). The weights and the
         #    context are fixed for the call: fused attention weights and the context's k, v are made once.
+        #    Both halves share x, so the U-Net runs its layers before the first cross-attention once.
         with inference_cache(self.unet):
             for i, t in enumerate(tqdm(schedule.timesteps, desc="denoising", disable=not progress, leave=False)):
                 model_in = schedule.scale_model_input(x, t)
                 if guided:
-                    out_uncond, out_cond = self.unet(torch.cat([model_in, model_in]), t, context).chunk(2)
+                    out_uncond, out_cond = self.unet(model_in, t, context, sample_repeats=2).chunk(2)
                     model_output = out_uncond + guidance_scale * (out_cond - out_uncond)
                 else:
                     model_output = self.unet(model_in, t, context)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentdiff.attention import Checkpointed, SpatialTransformer, set_gradient_checkpointing
+from latentdiff.attention import Checkpointed, SpatialTransformer, repeat_batch, set_gradient_checkpointing
 from latentdiff.config import UnsupportedConfigError, from_config_dict, to_config_dict
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
@@ -280,9 +280,9 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList(make_resblock(cfg, c, c, cfg.mid_block_scale_factor) for _ in (0, 1))
         self.attentions = nn.ModuleList([make_transformer(cfg, -1, c, only_cross=False)])
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, repeats: int = 1) -> torch.Tensor:
         h = self.resnets[0](h, temb)
-        return self.resnets[1](self.attentions[0](h, context), temb)
+        return self.resnets[1](self.attentions[0](h, context, repeats), repeat_batch(temb, repeats))
 
 
 class UNet(nn.Module):
@@ -327,16 +327,32 @@ class UNet(nn.Module):
         set_gradient_checkpointing(self, False)
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        sample_repeats: int = 1,
     ) -> torch.Tensor:
-        cfg, context = self.config, encoder_hidden_states
+        """Predict for `sample` (B, C, H, W) at `timestep` given the text context (B * sample_repeats, T, D).
+
+        With sample_repeats k > 1 the result equals forward(sample.repeat(k, 1, 1, 1), ...): context row
+        j * B + i belongs to sample i, as in classifier-free guidance's [unconditional, conditional] batch.
+        Everything before the first layer that reads the context is the same for all k copies, so it runs
+        once on B rows and the batch is widened to k * B there (a shared prefix of the network).
+        """
+        cfg, context, k = self.config, encoder_hidden_states, sample_repeats
+        if context.shape[0] != k * sample.shape[0]:
+            raise ValueError(
+                f"encoder_hidden_states has {context.shape[0]} rows; with {sample.shape[0]} samples and "
+                f"sample_repeats={k} it needs {k * sample.shape[0]}"
+            )
         # 1. time embedding: a number, a 0-d tensor or one timestep per sample
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(sample.shape[0])
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = self.time_embedding(emb.to(sample.dtype))
 
-        # 2. down path, keeping every intermediate as a skip
+        # 2. down path, keeping every intermediate as a skip; the first attention widens the batch
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
         h = self.conv_in(sample)
@@ -344,19 +360,21 @@ class UNet(nn.Module):
         for level in self.down_blocks:
             for resnet, attn in level.pairs():
                 h = resnet(h, temb)
-                h = attn(h, context) if attn is not None else h
+                if attn is not None:
+                    h, temb, k = attn(h, context, k), repeat_batch(temb, k), 1
                 skips.append(h)
             if hasattr(level, "downsamplers"):
                 h = level.downsamplers[0](h)
                 skips.append(h)
 
         # 3. bottleneck
-        h = self.mid_block(h, temb, context)
+        h, temb = self.mid_block(h, temb, context, k), repeat_batch(temb, k)
 
-        # 4. up path, concatenating the skips in reverse order
+        # 4. up path, concatenating the skips in reverse order (skips from before the widening repeated)
         for level in self.up_blocks:
             for resnet, attn in level.pairs():
-                h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
+                skip = skips.pop()
+                h = resnet(torch.cat([h, repeat_batch(skip, h.shape[0] // skip.shape[0])], dim=1), temb)
                 h = attn(h, context) if attn is not None else h
             if hasattr(level, "upsamplers"):
                 h = level.upsamplers[0](h, size=skips[-1].shape[-2:])

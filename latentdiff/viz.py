@@ -194,9 +194,9 @@ def record_denoising(pipe, guidance_scale: float):
     def hook(module, args, output):
         x, t = args[0], args[1]
         if guidance_scale > 1.0:
+            x = x.chunk(2)[1] if x.shape[0] == output.shape[0] else x  # the pipeline passes x once
             out_uncond, out_cond = output.chunk(2)
             output = out_uncond + guidance_scale * (out_cond - out_uncond)
-            x = x.chunk(2)[1]
         t = float(t)
         alpha_bar = table[min(max(round(t), 0), len(table) - 1)].to(x.device, torch.float32)
         x0, _ = predict_x0_eps(pipe.scheduler_config, output.float(), x.float(), alpha_bar)

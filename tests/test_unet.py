@@ -30,6 +30,17 @@ CASES = {
         (8, 16),
     ),
     "odd_size": (SD2_UNET, {}, (6, 10)),  # 6 -> 3 -> 2 and back: upsampling to the skip's size
+    # no attention at the finest level (the bundled model's layout): the shared prefix spans a level
+    "plain_first_level": (
+        {
+            **SD1_UNET,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        },
+        {},
+        (8, 8),
+    ),
+    "only_cross_attention": ({**SD1_UNET, "only_cross_attention": True}, {}, (8, 8)),
 }
 
 
@@ -148,3 +159,25 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert ours.mid_block.resnets[0].gradient_checkpointing
     for a, b in zip(plain, grads(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("repeats", [2, 3])
+def test_sample_repeats_equals_repeated_samples(pair, repeats):
+    """One sample for several contexts (classifier-free guidance) gives what the repeated batch gives."""
+    _, ours, size = pair
+    x, _ = inputs(ours, size, batch=2, seed=3)
+    ctx = torch.randn(2 * repeats, 5, ours.config.cross_attention_dim, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        shared = ours(x, t, ctx, sample_repeats=repeats)
+        repeated = ours(x.repeat(repeats, 1, 1, 1), t.repeat(repeats), ctx)
+    assert shared.shape == repeated.shape
+    assert relative_error(shared, repeated) < 1e-5
+    assert relative_error(shared[:2], shared[2:4]) > 1e-3  # the contexts differ, so must the outputs
+
+
+def test_sample_repeats_needs_matching_context_rows():
+    _, ours, size = build_pair("sd1")
+    x, ctx = inputs(ours, size, batch=2)
+    with pytest.raises(ValueError, match=r"encoder_hidden_states has 2 rows; .* sample_repeats=2 it needs 4"):
+        ours(x, 500, ctx, sample_repeats=2)
