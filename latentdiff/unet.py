@@ -6,6 +6,7 @@ the same config, so Stable Diffusion 1.x / 2.x weights load with `load_state_dic
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -226,8 +227,51 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        B, _, H, W = x.shape
+        doubling = size is None or tuple(size) == (2 * H, 2 * W)
+        plain = type(self.conv) is nn.Conv2d and not (self.conv._forward_hooks or self.conv._forward_pre_hooks)
+        big = B * H * W >= PHASE_MIN_PIXELS and min(H, W) >= PHASE_MIN_SIDE
+        if doubling and plain and big and x.device.type == "cpu":
+            return upsample_conv(x, self.conv.weight, self.conv.bias)
         x = F.interpolate(x, size=size, mode="nearest") if size else F.interpolate(x, scale_factor=2.0)
         return self.conv(x)
+
+
+# Which input pixels each output pixel of conv3x3(nearest_x2(x)) reads: output row 2i + a (phase a) sees
+# upsampled rows 2i + a - 1 ... 2i + a + 1, i.e. input rows (i - 1, i, i) for a = 0 and (i, i, i + 1) for
+# a = 1. So every phase is a 2x2 convolution of x whose taps are sums of the 3x3 taps: (w0, w1 + w2) for
+# phase 0 and (w0 + w1, w2) for phase 1, on each axis. _PHASE_TAPS[a][i]: the 3x3 taps summed into tap i.
+_PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
+# Below this many input pixels (batch x height x width), or below 8x8, building the four kernels and running
+# four small convolutions costs more than the 20 of 36 multiply-adds per output they save (measured on a
+# 2-core CPU: 16 x 8x8 px with 64 channels 1.2x faster, 16 x 4x4 px slower, 2 x 8x8 px with 1280 slower).
+PHASE_MIN_PIXELS, PHASE_MIN_SIDE = 512, 8
+
+
+def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """(2, 2, Cout, Cin, 2, 2): the 2x2 kernel of each output phase (row a, column b) of upsample_conv."""
+    w = weight.float()
+    kernels = w.new_empty(2, 2, *w.shape[:2], 2, 2)
+    for a, rows in enumerate(_PHASE_TAPS):
+        for i, row_taps in enumerate(rows):
+            r = functools.reduce(torch.add, (w[:, :, j] for j in row_taps))  # (Cout, Cin, 3): summed rows
+            for b, cols in enumerate(_PHASE_TAPS):
+                for k, col_taps in enumerate(cols):
+                    kernels[a, b, :, :, i, k] = functools.reduce(torch.add, (r[..., j] for j in col_taps))
+    return kernels.to(weight.dtype)
+
+
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv2d(interpolate(x, scale_factor=2), weight, bias, padding=1) as four 2x2 convolutions of x, one per
+    output phase: 16 multiply-adds per output and input channel instead of 36 (sub-pixel convolution)."""
+    B, _, H, W = x.shape
+    kernels = phase_kernels(weight)
+    xp = F.pad(x, (1, 1, 1, 1))
+    rows = [
+        torch.stack([F.conv2d(xp[:, :, a : a + H + 1, b : b + W + 1], kernels[a, b], bias) for b in (0, 1)], -1)
+        for a in (0, 1)
+    ]  # each (B, Cout, H, W, 2): phase a's row, column phases last
+    return torch.stack(rows, 3).reshape(B, -1, 2 * H, 2 * W)  # (B, Cout, H, 2, W, 2) -> (B, Cout, 2H, 2W)
 
 
 def make_resblock(cfg: UNetConfig, in_ch: int, out_ch: int, output_scale: float = 1.0) -> ResBlock:

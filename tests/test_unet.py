@@ -6,9 +6,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from latentdiff import unet as unet_module
 from latentdiff.config import UnsupportedConfigError
 from latentdiff.testing.tiny import SD1_UNET, SD2_UNET, jitter
-from latentdiff.unet import UNet, UNetConfig
+from latentdiff.unet import UNet, UNetConfig, upsample_conv
 
 TOL = 1e-4
 
@@ -79,6 +80,31 @@ def test_matches_diffusers_per_sample_timesteps(pair):
         got = ours(x, t, ctx)
     assert got.shape == expected.shape == x.shape
     assert relative_error(got, expected) <= TOL
+
+
+def test_matches_diffusers_with_phase_upsampling(pair, monkeypatch):
+    """The sub-pixel upsampler (used above PHASE_MIN_PIXELS, i.e. not at these tiny sizes) forced on."""
+    monkeypatch.setattr(unet_module, "PHASE_MIN_PIXELS", 0)
+    monkeypatch.setattr(unet_module, "PHASE_MIN_SIDE", 0)
+    ref, ours, size = pair
+    x, ctx = inputs(ref, size, seed=5)
+    t = torch.tensor([3, 871])
+    with torch.no_grad():
+        assert relative_error(ours(x, t, ctx), ref(x, t, ctx).sample) <= TOL
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 5, 7), (1, 4, 1, 1), (3, 6, 16, 16)])
+def test_upsample_conv_equals_interpolate_then_conv_with_gradients(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    conv = torch.nn.Conv2d(shape[1], 5, 3, padding=1)
+    expected = conv(torch.nn.functional.interpolate(x, scale_factor=2.0))
+    expected_grad = torch.autograd.grad(expected.square().sum(), conv.weight)[0]
+    got = upsample_conv(x, conv.weight, conv.bias)
+    got_grad = torch.autograd.grad(got.square().sum(), conv.weight)[0]
+    assert got.shape == expected.shape
+    assert relative_error(got, expected) < 1e-5
+    assert relative_error(got_grad, expected_grad) < 1e-5
 
 
 @pytest.mark.parametrize("timestep", [500, 250.5, torch.tensor(42), torch.tensor([7])])
