@@ -159,3 +159,30 @@ def test_side_learning_runs_both_targets(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("step     0  side asymmetry ") and lines[1].startswith("trained: red circle ")
     assert lines[2].startswith("unseen: green circle ")
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").is_file(), reason="no bundled model")
+def test_binding_probe_contexts_and_run(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(RECIPE))  # the script imports side_learning beside it
+    binding = _script("binding_probe")
+    pipe = LatentDiffusionPipeline.from_pretrained(BUNDLED_MODEL)
+    bound = binding.make_encoder(pipe, "bound")
+    left, right = bound(["a red circle to the left of an orange star", "a red circle to the right of an orange star"])
+    red_left, red_right, star_left, star_right = pipe.encode(
+        [
+            "a red circle on the left",
+            "a red circle on the right",
+            "an orange star on the left",
+            "an orange star on the right",
+        ]
+    ).float()
+    half = left.shape[0] // 2
+    assert torch.equal(left[:half], red_left[:half]) and torch.equal(left[half:], star_right[: left.shape[0] - half])
+    assert torch.equal(right[:half], red_right[:half]) and torch.equal(right[half:], star_left[: left.shape[0] - half])
+    with pytest.raises(ValueError, match="is not a pair caption"):
+        bound(["a red circle on the left"])
+    binding.main(["--model", str(BUNDLED_MODEL), "--context", "bound", "--steps", "1", "--batch-size", "2",
+                  "--pictures", "2"])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "bound: 12 captions, e.g. 'a red circle to the left of a blue square'"
+    assert lines[1].startswith("step     0  pair asymmetry ")

@@ -139,14 +139,21 @@ def predicted_x0(pipe, noisy: torch.Tensor, steps: torch.Tensor, context: torch.
 
 @torch.no_grad()
 def layout_asymmetry(
-    pipe, t: int = 950, samples: int = 32, seed: int = 0, objects=LAYOUT_OBJECTS, kinds=tuple(LAYOUT_PROMPTS)
+    pipe,
+    t: int = 950,
+    samples: int = 32,
+    seed: int = 0,
+    objects=LAYOUT_OBJECTS,
+    kinds=tuple(LAYOUT_PROMPTS),
+    encode=None,
 ) -> dict[str, float]:
     """{"side", "pair"}: how much the mean predicted layout at noise level t mirrors when "left" becomes
     "right" in the prompt: |(left half - right half) of (x0-hat(left prompt) - x0-hat(right prompt))| / 2 in
     latent units, averaged over `objects` ((a, b) pairs; b is only used by "pair"). The loss probe barely
     sees the layout (at high t it weighs an x0 error by SNR, < 1 %); this does. Near 0: the side word does
     not move anything. For reference, the same number for the training images themselves ("a red circle on
-    the left/right", side_data.py): ~0.4."""
+    the left/right", side_data.py): ~0.4. `encode(prompts)` makes the contexts (default: pipe.encode)."""
+    encode = encode or pipe.encode
     size = pipe.unet.config.sample_size
     x = torch.randn(samples, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
     steps = torch.full((samples,), t)
@@ -155,7 +162,7 @@ def layout_asymmetry(
         values, templates = [], LAYOUT_PROMPTS[kind]
         for a, b in objects:
             left, right = (
-                predicted_x0(pipe, x, steps, pipe.encode([p.format(a=a, b=b)] * samples)).mean(0) for p in templates
+                predicted_x0(pipe, x, steps, encode([p.format(a=a, b=b)] * samples)).mean(0) for p in templates
             )
             d = left - right
             half = size // 2

@@ -66,18 +66,29 @@ def side_latents(pipe, folder: Path, objects, per_caption: int) -> tuple[list[st
     return captions, latents
 
 
-def train(pipe, target, steps, lr, batch, data: Path | None, kinds: int, v_space: bool = False, seed: int = 0):
-    """Train pipe.unet in place; yield (step, number) every 100 steps: the asymmetry, or the halves error."""
+def train(
+    pipe, target, steps, lr, batch, data: Path | None, kinds: int, v_space: bool = False, seed: int = 0,
+    examples: tuple[torch.Tensor, list[torch.Tensor]] | None = None, probe=None,
+):  # fmt: skip
+    """Train pipe.unet in place; yield (step, number) every 100 steps: the asymmetry, or the halves error.
+
+    `examples` = (contexts (N, T, D), latents: N stacks of pictures) replaces the side pictures and their
+    encoded captions (binding_probe.py brings its own); `probe()` then gives the number to print.
+    """
     from latentdiff.schedules import add_noise, alphas_cumprod
     from latentdiff.training.losses import target_for, v_space_weights
 
     ac = alphas_cumprod(pipe.scheduler_config)
-    if target == "halves":
-        captions, latents = [f"a red circle {side}" for side in SIDES], None
+    if examples is not None:
+        contexts, latents = examples
     else:
-        captions, latents = side_latents(pipe, data, OBJECTS[:kinds], per_caption=60)
-    with torch.no_grad():
-        contexts = pipe.encode(captions).float()
+        if target == "halves":
+            captions, latents = [f"a red circle {side}" for side in SIDES], None
+        else:
+            captions, latents = side_latents(pipe, data, OBJECTS[:kinds], per_caption=60)
+        with torch.no_grad():
+            contexts = pipe.encode(captions).float()
+    probe = probe or (lambda: layout_asymmetry(pipe, kinds=("side",))["side"])
     size = pipe.unet.config.sample_size
     halves = torch.ones(2, pipe.unet.config.in_channels, size, size)
     halves[0, ..., size // 2 :] = -1  # "on the left": +1 on the left half
@@ -85,7 +96,7 @@ def train(pipe, target, steps, lr, batch, data: Path | None, kinds: int, v_space
     unet, g = pipe.unet.train(), torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     for step in range(steps + 1):
-        k = torch.randint(0, len(captions), (batch,), generator=g)
+        k = torch.randint(0, len(contexts), (batch,), generator=g)
         if target == "halves":
             x, t = torch.randn(batch, *halves.shape[1:], generator=g), torch.full((batch,), len(ac) - 1)
             error = ((unet(x, t, contexts[k]) - halves[k]) ** 2).mean()
@@ -101,7 +112,7 @@ def train(pipe, target, steps, lr, batch, data: Path | None, kinds: int, v_space
             error = (per_sample * (v_space_weights(t, ac, kind) if v_space else 1.0)).mean()
         if step % 100 == 0:
             unet.eval()
-            number = error.item() if target == "halves" else layout_asymmetry(pipe, kinds=("side",))["side"]
+            number = error.item() if target == "halves" else probe()
             unet.train()
             yield step, number
         if step < steps:
