@@ -186,3 +186,23 @@ def test_binding_probe_contexts_and_run(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "bound: 12 captions, e.g. 'a red circle to the left of a blue square'"
     assert lines[1].startswith("step     0  pair asymmetry ")
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").is_file(), reason="no bundled model")
+def test_bind_text_targets_and_run(tmp_path, capsys):
+    from latentdiff.eval.captions import parse_caption
+
+    bind = _script("bind_text")
+    prompt = parse_caption("an orange star below a red circle on a gray background")
+    assert bind.sub_captions(prompt) == (
+        "an orange star at the bottom on a gray background",
+        "a red circle at the top on a gray background",
+    )
+    trained, heldout, others = bind.caption_sets()
+    assert len(heldout) == 100 and not {str(p) for p in heldout} & {str(p) for p in trained}
+    assert all(p.relation is not None for p in trained) and "a red circle" in others
+    bind.main(["--model", str(BUNDLED_MODEL), "--steps", "1", "--batch-size", "4", "--out", str(tmp_path / "m")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "step     0  held-out relations 1.000  trained relations 1.000  others drift 0.0000"
+    assert lines[1].startswith("step     1  held-out relations ")
+    assert LatentDiffusionPipeline.from_pretrained(tmp_path / "m").text_encoder is not None
