@@ -7,9 +7,11 @@ With --out, DIR becomes a copy of the model folder with the trained text encoder
 --model DIR --context text then trains a U-Net on its contexts).
 
 Student: the model's text encoder, trained. Targets, from the same encoder frozen (the teacher): for every
-position caption "A <relation> B[ on a <bg> background]", binding_probe.bound_context (the encodings of
-"A <its side>" and "B <its side>", half the window each; "above" uses "at the top"/"at the bottom"); for
-every single-object, counting and two-object caption, the teacher's own context (to stay unchanged).
+position caption "A <relation> B[ on a <bg> background]", a bound context: the first half of the window
+from the encoding of "A <its side>", the second half from that of "B <its side>" at the same positions
+(B's padding tokens, which have seen all of B's caption; binding_probe.bound_context takes B's first
+half instead); "above" uses "at the top" / "at the bottom". For every single-object, counting and
+two-object caption, the teacher's own context (to stay unchanged).
 The held-out suite's position combinations are never trained on. Printed every 250 steps:
 - `held-out relations`: mean |student - bound|^2 / mean |teacher - bound|^2 on the held-out position
   prompts (1: no closer than the untouched encoder, 0: exactly the bound context);
