@@ -22,9 +22,13 @@ import os
 
 import numpy as np
 import torch
+from bind_text import SIDES
 from side_learning import relation_probe, train
 
-RELATIONS = {"to the left of": ("on the left", "on the right"), "to the right of": ("on the right", "on the left")}
+from latentdiff.eval.captions import RELATION_WORDS
+
+# caption words -> (side of the first object, side of the second), for the two relations trained here
+RELATIONS = {RELATION_WORDS[r]: SIDES[r] for r in ("left_of", "right_of")}
 
 
 def pair_captions() -> list[tuple[str, str, str]]:
