@@ -96,6 +96,34 @@ def test_timestep_range_limits_the_noise_levels_trained():
     assert len(set(seen[0].tolist())) > 30  # uniform within the range, not one value
 
 
+def test_timestep_range_share_mixes_the_band_with_the_whole_schedule():
+    from latentdiff.training.losses import sample_timesteps
+
+    def draw(share):
+        return sample_timesteps(20000, 1000, torch.Generator().manual_seed(0), (700, 1000), share)
+
+    in_band = (draw(0.5) >= 700).float().mean().item()
+    # half from the band, half from all of T (of which 30 % lands in the band too): 0.5 + 0.5 * 0.3
+    assert abs(in_band - 0.65) < 0.02, in_band
+    assert draw(0.5).min() < 50  # the low noise levels are still trained
+    assert draw(1.0).min() >= 700  # share 1: the band only, as --timestep-range alone
+    assert torch.equal(draw(1.0), sample_timesteps(20000, 1000, torch.Generator().manual_seed(0), (700, 1000)))
+
+
+def test_timestep_range_share_needs_a_range_and_a_fraction(capsys):
+    from latentdiff.training.cli import build_parser, check_args
+
+    parser = build_parser()
+    for extra, message in (
+        (["--timestep-range-share", "0.5"], "needs --timestep-range"),
+        (["--timestep-range", "700", "1000", "--timestep-range-share", "1.5"], "must be in (0, 1]"),
+    ):
+        args = parser.parse_args(["--model", "m", "--data", "d", "--output-dir", "o", *extra])
+        with pytest.raises(SystemExit):
+            check_args(parser, args)
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 def test_v_space_loss_is_the_v_error_of_the_same_prediction(kind):
     """Whatever the U-Net predicts, the weighted loss must equal the MSE of the v it implies (x_t fixed)."""

@@ -127,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("LO", "HI"),
         help="train only on noise levels LO <= t < HI (of the scheduler's T; e.g. 700 1000 for the layout)",
     )
+    opt.add_argument(
+        "--timestep-range-share",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="draw only this fraction of the noise levels from --timestep-range, the rest from all of T "
+        "(e.g. 0.5: the range emphasised, the other steps still trained)",
+    )
     opt.add_argument("--max-nan-steps", type=int, default=5, help="stop after this many NaN/inf steps in a row")
 
     out = p.add_argument_group("output")
@@ -171,6 +179,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--v-space-loss and --snr-gamma are two loss weightings; choose one")
     if args.timestep_range is not None and not 0 <= args.timestep_range[0] < args.timestep_range[1]:
         p.error(f"--timestep-range LO HI needs 0 <= LO < HI, got {' '.join(map(str, args.timestep_range))}")
+    if not 0.0 < args.timestep_range_share <= 1.0:
+        p.error(f"--timestep-range-share must be in (0, 1], got {args.timestep_range_share}")
+    if args.timestep_range_share < 1.0 and args.timestep_range is None:
+        p.error("--timestep-range-share needs --timestep-range LO HI (the band it emphasises)")
     if args.validate_every and not args.validation_prompts:
         p.error("--validate-every needs --validation-prompts")
 

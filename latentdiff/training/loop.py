@@ -270,6 +270,7 @@ def train_step(
                     args.snr_gamma,
                     args.timestep_range,
                     args.v_space_loss,
+                    args.timestep_range_share,
                 )
             if not all_finite(accelerator, loss.detach()):
                 skip = True

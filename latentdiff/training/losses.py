@@ -64,6 +64,20 @@ def v_space_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_ty
     raise unknown_prediction_type(prediction_type)
 
 
+def sample_timesteps(
+    n: int, steps: int, generator: torch.Generator, timestep_range=None, range_share: float = 1.0
+) -> torch.Tensor:
+    """n training noise levels: from [lo, hi) with probability `range_share`, else from all of 0..steps-1.
+    A share below 1 emphasises a band (the noisy steps, where the layout is decided) without forgetting the
+    rest of the schedule, which training on the band alone would let drift."""
+    lo, hi = timestep_range or (0, steps)
+    t = torch.randint(lo, hi, (n,), generator=generator)
+    if range_share < 1.0:
+        anywhere = torch.randint(0, steps, (n,), generator=generator)
+        t = torch.where(torch.rand(n, generator=generator) < range_share, t, anywhere)
+    return t
+
+
 def diffusion_loss(
     unet,
     latents: torch.Tensor,
@@ -75,14 +89,16 @@ def diffusion_loss(
     snr_gamma: float | None = None,
     timestep_range: tuple[int, int] | None = None,
     v_space: bool = False,
+    range_share: float = 1.0,
 ) -> torch.Tensor:
     """One training loss (scalar, float32) for clean latents x0 and their text context; t is drawn from
-    `timestep_range` [lo, hi) when given (e.g. only the noisy steps, where the layout is decided); `v_space`
-    weighs each sample as a v-prediction loss (see `v_space_weights`), `snr_gamma` as min-SNR."""
+    `timestep_range` [lo, hi) when given (e.g. only the noisy steps, where the layout is decided) for a
+    `range_share` of the samples, the rest from all T; `v_space` weighs each sample as a v-prediction loss
+    (see `v_space_weights`), `snr_gamma` as min-SNR."""
     # 1. eps and t ~ U{lo..hi-1} (default all T), both from the training generator
     noise = sample_noise(latents, generator, noise_offset)
-    lo, hi = timestep_range or (0, len(alphas_cumprod))
-    t = torch.randint(lo, hi, (latents.shape[0],), generator=generator).to(latents.device)
+    t = sample_timesteps(latents.shape[0], len(alphas_cumprod), generator, timestep_range, range_share)
+    t = t.to(latents.device)
     # 2. forward process q(x_t | x_0) (Ho et al. 2020, eq. 4)
     noisy = add_noise(latents, noise, t, alphas_cumprod)
     target = target_for(prediction_type, latents, noise, t, alphas_cumprod)
