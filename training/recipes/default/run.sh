@@ -57,14 +57,44 @@ $PY training/train.py --model $RUN/init --data shapes --output-dir $RUN/shapes-t
   --checkpoint-every 1000 --keep-checkpoints 3 --seed 0 \
   --validate-every 2000 --validation-prompts "${PROMPTS[@]}" --save-dtype fp16 --resume latest
 
+# 3b-3d. relations (README "Relations, session 9"): a text encoder that binds each object to its side,
+# frozen from here on; the U-Net on relation-heavy scenes at the noisy steps only (where the layout is
+# decided), then repaired on all categories and all steps.
+BIND_STEPS=${BIND_STEPS:-$(recipe relations bind_text_steps)}
+BAND_STEPS=${BAND_STEPS:-$(recipe relations band_steps)}
+REPAIR_STEPS=${REPAIR_STEPS:-$(recipe relations repair_steps)}
+REL_SCENES=${REL_SCENES:-$(recipe relations band_data scenes)}
+REPAIR_SCENES=${REPAIR_SCENES:-$(recipe relations repair_data scenes)}
+if [ ! -f $RUN/bound-text/model_index.json ]; then
+  $PY $HERE/bind_text.py --model $RUN/shapes-tiny/final --steps "$BIND_STEPS" --out $RUN/bound-text
+fi
+[ -f $RUN/relations-data/metadata.jsonl ] || $PY $HERE/side_data.py --out $RUN/relations-data --count 0 --canonical \
+  --scenes "$REL_SCENES" --shapes-mix "$(recipe relations band_data shapes_mix)" --seed "$(recipe relations band_data seed)"
+[ -f $RUN/repair-data/metadata.jsonl ] || $PY $HERE/side_data.py --out $RUN/repair-data --count 0 --canonical \
+  --scenes "$REPAIR_SCENES" --seed "$(recipe relations repair_data seed)"
+relations() {  # relations MODEL DATA OUT STEPS [extra train.py args]
+  $PY training/train.py --model "$1" --data "$2" --output-dir "$3" --max-steps "$4" "${@:5}" \
+    --batch-size "$(recipe unet_training batch_size)" --resolution "$(recipe resolution)" --cache-latents \
+    --learning-rate "$(recipe relations lr)" --lr-scheduler constant --ema "$(recipe relations ema)" \
+    --timestep-range $(recipe relations timestep_range | tr -d '[],') --snr-gamma "$(recipe unet_training snr_gamma)" \
+    --noise-offset "$(recipe unet_training noise_offset)" --caption-dropout "$(recipe unet_training caption_dropout)" \
+    --max-grad-norm 1.0 --checkpoint-every 500 --keep-checkpoints 3 --seed 8 --resume latest
+}
+relations $RUN/bound-text $RUN/relations-data $RUN/relations/band "$BAND_STEPS" --lr-warmup-steps 100
+relations $RUN/relations/band/final $RUN/repair-data $RUN/relations/shapes-tiny "$REPAIR_STEPS" \
+  --timestep-range-share "$(recipe relations repair_share)" --validate-every 500 \
+  --validation-prompts "${PROMPTS[@]}" --save-dtype fp16
+
 # 4. ship it, with small logs for readers (SHIP=0: leave weights/ alone, e.g. for a smoke run)
 [ "${SHIP:-1}" = 1 ] || exit 0
 mkdir -p weights $HERE/logs
-rm -rf weights/shapes-tiny && cp -r $RUN/shapes-tiny/final weights/shapes-tiny
+rm -rf weights/shapes-tiny && cp -r $RUN/relations/shapes-tiny/final weights/shapes-tiny
 cp $RUN/vae/loss_curve.png $HERE/logs/vae_loss_curve.png
 cp $RUN/vae/reconstructions.png $HERE/logs/vae_reconstructions.png
 cp $RUN/vae-decoder/loss_curve.png $HERE/logs/vae_decoder_loss_curve.png
 cp $RUN/vae-decoder/reconstructions.png $HERE/logs/vae_decoder_reconstructions.png
 cp $RUN/shapes-tiny/loss_curve.png $HERE/logs/unet_loss_curve.png
-cp $RUN/shapes-tiny/validation/*.png $HERE/logs/ 2>/dev/null || true
+cp $RUN/relations/band/loss_curve.png $HERE/logs/unet_relations_band_loss_curve.png
+cp $RUN/relations/shapes-tiny/loss_curve.png $HERE/logs/unet_relations_repair_loss_curve.png
+cp $RUN/shapes-tiny/validation/*.png $RUN/relations/shapes-tiny/validation/*.png $HERE/logs/ 2>/dev/null || true
 du -sh weights/shapes-tiny
