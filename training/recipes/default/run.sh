@@ -96,5 +96,7 @@ cp $RUN/vae-decoder/reconstructions.png $HERE/logs/vae_decoder_reconstructions.p
 cp $RUN/shapes-tiny/loss_curve.png $HERE/logs/unet_loss_curve.png
 cp $RUN/relations/band/loss_curve.png $HERE/logs/unet_relations_band_loss_curve.png
 cp $RUN/relations/shapes-tiny/loss_curve.png $HERE/logs/unet_relations_repair_loss_curve.png
-cp $RUN/shapes-tiny/validation/*.png $RUN/relations/shapes-tiny/validation/*.png $HERE/logs/ 2>/dev/null || true
+cp $RUN/shapes-tiny/validation/*.png $HERE/logs/ 2>/dev/null || true
+# the repair's grids are named step-N like stage 3's: prefix them so neither overwrites the other
+for f in $RUN/relations/shapes-tiny/validation/*.png; do [ -e "$f" ] || continue; cp "$f" "$HERE/logs/relations-$(basename "$f")"; done
 du -sh weights/shapes-tiny
