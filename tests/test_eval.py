@@ -288,14 +288,15 @@ def test_cli_eval_model(tmp_path, monkeypatch, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\ntwo green stars\na pink square on a gray background\n")
     argv = ["eval", "--model", "m", "--prompts", str(prompts), "--out", str(tmp_path / "o")]
-    assert main([*argv, "--images-per-prompt", "2", "--seed", "10", "--batch-size", "2", "--steps", "3"]) == 0
+    sampling = ["--steps", "3", "--sampler", "euler_a"]
+    assert main([*argv, "--images-per-prompt", "2", "--seed", "10", "--batch-size", "2", *sampling]) == 0
     assert FakePipeline.calls[0] == ("from_pretrained", "m")
     assert FakePipeline.calls[1] == (
         "call",
         ["a red circle", "two green stars"],
         10,
         2,
-        {"steps": 3, "progress": False},
+        {"steps": 3, "sampler": "euler_a", "progress": False},
     )
     assert FakePipeline.calls[2][1:3] == (["a pink square on a gray background"], 14)
     report = json.loads((tmp_path / "o" / "report.json").read_text())
@@ -310,3 +311,7 @@ def test_cli_eval_model(tmp_path, monkeypatch, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "line 2" in err and "a red circle with a hat" in err
+    # a sampler name that does not exist is a user error, before any model is loaded
+    FakePipeline.calls = []
+    assert main([*argv, "--sampler", "euler_b"]) == 2
+    assert "euler_b" in capsys.readouterr().err and FakePipeline.calls == []

@@ -21,6 +21,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="with --model: prompts per pipeline call")
     parser.add_argument("--steps", type=int, help="with --model: sampling steps (default: the pipeline's)")
     parser.add_argument("--guidance-scale", type=float, help="with --model: guidance_scale (default: the pipeline's)")
+    parser.add_argument(
+        "--sampler", help="with --model: ddpm, ddim, euler, euler_a, heun, dpmpp_2m (default: the model's)"
+    )
 
 
 def read_manifest(folder: Path) -> tuple[list[str], list[str]]:
@@ -63,6 +66,8 @@ def generate(args, prompts: list[str], out: Path) -> tuple[list[str], list, list
         options["steps"] = args.steps
     if args.guidance_scale is not None:
         options["guidance_scale"] = args.guidance_scale
+    if args.sampler is not None:
+        options["sampler"] = args.sampler
     (out / "images").mkdir(parents=True, exist_ok=True)
     files, images, image_prompts = [], [], []
     with open(out / "manifest.jsonl", "w", encoding="utf-8") as manifest:
@@ -92,7 +97,7 @@ def run(args) -> int:
 
     out = Path(args.out)
     if args.images is not None:
-        for flag in ("prompts", "steps", "guidance_scale"):
+        for flag in ("prompts", "steps", "guidance_scale", "sampler"):
             if getattr(args, flag) is not None:
                 raise UserError(f"--{flag.replace('_', '-')} goes with --model, not --images")
         folder = Path(args.images)
@@ -104,6 +109,10 @@ def run(args) -> int:
     else:
         if args.images_per_prompt < 1 or args.batch_size < 1:
             raise UserError("--images-per-prompt and --batch-size must be at least 1")
+        from latentdiff.samplers import SAMPLERS
+
+        if args.sampler is not None and args.sampler not in SAMPLERS:
+            raise UserError(f"unknown --sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if args.prompts is None:
             prompt_list = heldout_prompts()
         else:

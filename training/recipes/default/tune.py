@@ -1,7 +1,7 @@
-"""Choose the stored sampling defaults (guidance scale, steps) on prompts that are NOT the held-out suite.
+"""Choose the stored sampling defaults (sampler, steps, guidance scale) on prompts that are NOT the held-out suite.
 
     python training/recipes/default/tune.py --model runs/default/shapes-tiny/final --out runs/tune \
-        --guidance 3,5,7.5,10 --steps 20,30
+        --guidance 3,5,7.5,10 --steps 20,30 --samplers dpmpp_2m,euler_a
 
 The tuning prompts are canonical captions of Shapes scenes drawn like the training data (seed 777, the
 held-out combinations excluded, and no prompt of the held-out suite), so the suite stays a test set. Each
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--guidance", default="3,5,7.5,10", help="comma-separated guidance scales")
     p.add_argument("--steps", default="20", help="comma-separated step counts")
+    p.add_argument("--samplers", default="dpmpp_2m", help="comma-separated sampler names")
     p.add_argument("--count", type=int, default=120, help="tuning prompts")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -43,32 +44,26 @@ def main(argv: list[str] | None = None) -> int:
     prompt_file = out / "tuning_prompts.txt"
     prompt_file.write_text("\n".join(tuning_prompts(args.count)) + "\n", encoding="utf-8")
     rows = []
-    for steps in (int(s) for s in args.steps.split(",")):
-        for guidance in (float(g) for g in args.guidance.split(",")):
-            where = out / f"s{steps}-g{guidance:g}"
-            flags = ["--model", args.model, "--prompts", str(prompt_file), "--out", str(where)]
-            flags += [
-                "--images-per-prompt",
-                "1",
-                "--seed",
-                "0",
-                "--steps",
-                str(steps),
-                "--guidance-scale",
-                str(guidance),
-            ]
-            if cli(["eval", *flags]) != 0:
-                return 1
-            report = json.loads((where / "report.json").read_text())
-            rows.append(
-                {"steps": steps, "guidance_scale": guidance, **report["categories"], "overall": report["overall"]}
-            )
+    for sampler in args.samplers.split(","):
+        for steps in (int(s) for s in args.steps.split(",")):
+            for guidance in (float(g) for g in args.guidance.split(",")):
+                where = out / f"{sampler}-s{steps}-g{guidance:g}"
+                flags = ["--model", args.model, "--prompts", str(prompt_file), "--out", str(where), "--seed", "0"]
+                flags += ["--images-per-prompt", "1", "--sampler", sampler, "--steps", str(steps)]
+                if cli(["eval", *flags, "--guidance-scale", str(guidance)]) != 0:
+                    return 1
+                report = json.loads((where / "report.json").read_text())
+                setting = {"sampler": sampler, "steps": steps, "guidance_scale": guidance}
+                rows.append({**setting, **report["categories"], "overall": report["overall"]})
     (out / "tune.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    print("| steps | guidance | " + " | ".join(k for k in rows[0] if k not in ("steps", "guidance_scale")) + " |")
+    print("| sampler | steps | guidance | " + " | ".join(k for k in list(rows[0])[3:]) + " |")
     for row in rows:
         print("| " + " | ".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in row.values()) + " |")
     best = max(rows, key=lambda r: r["overall"])
-    print(f"best: steps {best['steps']}, guidance {best['guidance_scale']:g} (overall {best['overall']:.3f})")
+    print(
+        f"best: {best['sampler']}, steps {best['steps']}, guidance {best['guidance_scale']:g} "
+        f"(overall {best['overall']:.3f})"
+    )
     return 0
 
 
