@@ -62,6 +62,7 @@ $PY training/train.py --model $RUN/init --data shapes --output-dir $RUN/shapes-t
 # decided), then repaired on all categories and all steps.
 BIND_STEPS=${BIND_STEPS:-$(recipe relations bind_text_steps)}
 BAND_STEPS=${BAND_STEPS:-$(recipe relations band_steps)}
+BAND2_STEPS=${BAND2_STEPS:-$(recipe relations band2_steps)}
 REPAIR_STEPS=${REPAIR_STEPS:-$(recipe relations repair_steps)}
 REL_SCENES=${REL_SCENES:-$(recipe relations band_data scenes)}
 REPAIR_SCENES=${REPAIR_SCENES:-$(recipe relations repair_data scenes)}
@@ -74,14 +75,18 @@ fi
   --scenes "$REPAIR_SCENES" --seed "$(recipe relations repair_data seed)"
 relations() {  # relations MODEL DATA OUT STEPS [extra train.py args]
   $PY training/train.py --model "$1" --data "$2" --output-dir "$3" --max-steps "$4" "${@:5}" \
-    --batch-size "$(recipe unet_training batch_size)" --resolution "$(recipe resolution)" --cache-latents \
+    --batch-size "${BATCH:-$(recipe unet_training batch_size)}" --resolution "$(recipe resolution)" --cache-latents \
     --learning-rate "$(recipe relations lr)" --lr-scheduler constant --ema "$(recipe relations ema)" \
     --timestep-range $(recipe relations timestep_range | tr -d '[],') --snr-gamma "$(recipe unet_training snr_gamma)" \
     --noise-offset "$(recipe unet_training noise_offset)" --caption-dropout "$(recipe unet_training caption_dropout)" \
     --max-grad-norm 1.0 --checkpoint-every 500 --keep-checkpoints 3 --seed 8 --resume latest
 }
 relations $RUN/bound-text $RUN/relations-data $RUN/relations/band "$BAND_STEPS" --lr-warmup-steps 100
-relations $RUN/relations/band/final $RUN/repair-data $RUN/relations/shapes-tiny "$REPAIR_STEPS" \
+# the band run continued at a 4x larger batch from its EMA weights (fresh optimizer): on a GPU a step costs
+# about the same at batch 128 as at 32, so this is where the shipped run spent its GPU minutes
+BATCH=$(recipe relations band2_batch_size) relations $RUN/relations/band/final $RUN/relations-data \
+  $RUN/relations/band2 "$BAND2_STEPS" --lr-warmup-steps 100
+relations $RUN/relations/band2/final $RUN/repair-data $RUN/relations/shapes-tiny "$REPAIR_STEPS" \
   --timestep-range-share "$(recipe relations repair_share)" --validate-every 500 \
   --validation-prompts "${PROMPTS[@]}" --save-dtype fp16
 
@@ -95,6 +100,7 @@ cp $RUN/vae-decoder/loss_curve.png $HERE/logs/vae_decoder_loss_curve.png
 cp $RUN/vae-decoder/reconstructions.png $HERE/logs/vae_decoder_reconstructions.png
 cp $RUN/shapes-tiny/loss_curve.png $HERE/logs/unet_loss_curve.png
 cp $RUN/relations/band/loss_curve.png $HERE/logs/unet_relations_band_loss_curve.png
+cp $RUN/relations/band2/loss_curve.png $HERE/logs/unet_relations_band2_loss_curve.png
 cp $RUN/relations/shapes-tiny/loss_curve.png $HERE/logs/unet_relations_repair_loss_curve.png
 cp $RUN/shapes-tiny/validation/*.png $HERE/logs/ 2>/dev/null || true
 # the repair's grids are named step-N like stage 3's: prefix them so neither overwrites the other
