@@ -22,8 +22,26 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> 
 
 
 def build_optimizer(param_groups: list[dict], betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019) over groups {"params": [...], "lr": ...}."""
-    return torch.optim.AdamW(param_groups, betas=betas, weight_decay=weight_decay, eps=eps)
+    """AdamW (Loshchilov & Hutter 2019) over groups {"params": [...], "lr": ...}.
+
+    The fused kernel where torch has one for these parameters: on the CPU torch otherwise takes its
+    per-tensor Python path (15 ms against 4 ms a step for the bundled U-Net's 326 tensors, about 4 % of a
+    batch-32 training step); the result differs only by rounding (6e-8 after 25 steps).
+    """
+    groups = [dict(g, params=list(g["params"])) for g in param_groups]
+    fused = _has_fused_kernel([p for g in groups for p in g["params"]])
+    return torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay, eps=eps, fused=fused or None)
+
+
+def _has_fused_kernel(params: list[torch.Tensor]) -> bool:
+    """torch checks this only at the first step and then raises, so look before asking for fused."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a private helper: without it, take the default path
+        return False
+    devices = set(_get_fused_kernels_supported_devices())
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    return bool(params) and all(p.device.type in devices and p.dtype in dtypes for p in params)
 
 
 def build_lr_schedule(optimizer, schedule: str, warmup_steps: int, total_steps: int):
