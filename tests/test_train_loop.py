@@ -321,6 +321,25 @@ def test_nothing_non_finite_is_ever_saved():
         ckpt.assert_finite({"w": torch.tensor([1.0, math.nan])}, "checkpoint-1")
 
 
+def test_ema_update_follows_its_formula():
+    from latentdiff.training.ema import EMA
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    ema = EMA({"net": net}, decay=0.9)
+    expected = {k: v.clone() for k, v in ema.shadow.items()}
+    g = torch.Generator().manual_seed(0)
+    for n in range(4):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        d = min(0.9, (1 + n) / (10 + n))
+        for key, p in ema.params.items():
+            expected[key] = d * expected[key] + (1 - d) * p.detach()
+        ema.update()
+    for key in expected:
+        torch.testing.assert_close(ema.shadow[key], expected[key], rtol=1e-6, atol=1e-7)
+
+
 def test_optimizer_uses_the_fused_kernel_where_there_is_one_and_matches_the_plain_one():
     from latentdiff.training.optim import build_optimizer
 
