@@ -4,7 +4,8 @@
 # run this script again with the same settings. See README.md in this folder for the time plan.
 #
 #   bash training/recipes/default/run.sh                 # everything, into runs/default/
-#   RUN=/tmp/r VAE_STEPS=2 UNET_STEPS=2 SHAPES_COUNT=64 SHIP=0 bash training/recipes/default/run.sh  # smoke
+#   RUN=/tmp/r VAE_STEPS=2 DECODER_STEPS=2 UNET_STEPS=4 SHAPES_COUNT=64 BIND_STEPS=2 BAND_STEPS=2 \
+#     BAND2_STEPS=2 REPAIR_STEPS=2 REL_SCENES=64 REPAIR_SCENES=64 SHIP=0 bash training/recipes/default/run.sh  # smoke
 #
 # On a GPU nothing changes (Accelerate picks the device); add BATCH/steps to taste.
 set -euo pipefail
