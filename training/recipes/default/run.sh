@@ -5,7 +5,7 @@
 #
 #   bash training/recipes/default/run.sh                 # everything, into runs/default/
 #   RUN=/tmp/r VAE_STEPS=2 DECODER_STEPS=2 UNET_STEPS=4 SHAPES_COUNT=64 BIND_STEPS=2 BAND_STEPS=2 \
-#     BAND2_STEPS=2 REPAIR_STEPS=2 REL_SCENES=64 REPAIR_SCENES=64 SHIP=0 bash training/recipes/default/run.sh  # smoke
+#     BAND2_STEPS=2 REPAIR_STEPS=2 ANNEAL_STEPS=2 REL_SCENES=64 REPAIR_SCENES=64 SHIP=0 bash training/recipes/default/run.sh  # smoke
 #
 # On a GPU nothing changes (Accelerate picks the device); add BATCH/steps to taste.
 set -euo pipefail
@@ -65,6 +65,7 @@ BIND_STEPS=${BIND_STEPS:-$(recipe relations bind_text_steps)}
 BAND_STEPS=${BAND_STEPS:-$(recipe relations band_steps)}
 BAND2_STEPS=${BAND2_STEPS:-$(recipe relations band2_steps)}
 REPAIR_STEPS=${REPAIR_STEPS:-$(recipe relations repair_steps)}
+ANNEAL_STEPS=${ANNEAL_STEPS:-$(recipe relations anneal_steps)}
 REL_SCENES=${REL_SCENES:-$(recipe relations band_data scenes)}
 REPAIR_SCENES=${REPAIR_SCENES:-$(recipe relations repair_data scenes)}
 if [ ! -f $RUN/bound-text/model_index.json ]; then
@@ -74,21 +75,25 @@ fi
   --scenes "$REL_SCENES" --shapes-mix "$(recipe relations band_data shapes_mix)" --seed "$(recipe relations band_data seed)"
 [ -f $RUN/repair-data/metadata.jsonl ] || $PY $HERE/side_data.py --out $RUN/repair-data --count 0 --canonical \
   --scenes "$REPAIR_SCENES" --seed "$(recipe relations repair_data seed)"
-relations() {  # relations MODEL DATA OUT STEPS [extra train.py args]
-  $PY training/train.py --model "$1" --data "$2" --output-dir "$3" --max-steps "$4" "${@:5}" \
+relations() {  # relations MODEL DATA OUT STEPS [extra train.py args, last so that they win]
+  $PY training/train.py --model "$1" --data "$2" --output-dir "$3" --max-steps "$4" \
     --batch-size "${BATCH:-$(recipe unet_training batch_size)}" --resolution "$(recipe resolution)" --cache-latents \
     --learning-rate "$(recipe relations lr)" --lr-scheduler constant --ema "$(recipe relations ema)" \
     --timestep-range $(recipe relations timestep_range | tr -d '[],') --snr-gamma "$(recipe unet_training snr_gamma)" \
     --noise-offset "$(recipe unet_training noise_offset)" --caption-dropout "$(recipe unet_training caption_dropout)" \
-    --max-grad-norm 1.0 --checkpoint-every 500 --keep-checkpoints 3 --seed 8 --resume latest
+    --max-grad-norm 1.0 --checkpoint-every 500 --keep-checkpoints 3 --seed 8 --resume latest "${@:5}"
 }
 relations $RUN/bound-text $RUN/relations-data $RUN/relations/band "$BAND_STEPS" --lr-warmup-steps 100
 # the band run continued at a 4x larger batch from its EMA weights (fresh optimizer): on a GPU a step costs
 # about the same at batch 128 as at 32, so this is where the shipped run spent its GPU minutes
 BATCH=$(recipe relations band2_batch_size) relations $RUN/relations/band/final $RUN/relations-data \
   $RUN/relations/band2 "$BAND2_STEPS" --lr-warmup-steps 100
-relations $RUN/relations/band2/final $RUN/repair-data $RUN/relations/shapes-tiny "$REPAIR_STEPS" \
-  --timestep-range-share "$(recipe relations repair_share)" --validate-every 500 \
+relations $RUN/relations/band2/final $RUN/repair-data $RUN/relations/repair "$REPAIR_STEPS" \
+  --timestep-range-share "$(recipe relations repair_share)"
+# the repair again with the learning rate annealed to zero (cosine) and a new data order: counting +0.09
+relations $RUN/relations/repair/final $RUN/repair-data $RUN/relations/shapes-tiny "$ANNEAL_STEPS" \
+  --timestep-range-share "$(recipe relations repair_share)" --learning-rate "$(recipe relations anneal_lr)" \
+  --lr-scheduler cosine --seed "$(recipe relations anneal_seed)" --validate-every 500 \
   --validation-prompts "${PROMPTS[@]}" --save-dtype fp16
 
 # 4. ship it, with small logs for readers (SHIP=0: leave weights/ alone, e.g. for a smoke run)
@@ -102,7 +107,8 @@ cp $RUN/vae-decoder/reconstructions.png $HERE/logs/vae_decoder_reconstructions.p
 cp $RUN/shapes-tiny/loss_curve.png $HERE/logs/unet_loss_curve.png
 cp $RUN/relations/band/loss_curve.png $HERE/logs/unet_relations_band_loss_curve.png
 cp $RUN/relations/band2/loss_curve.png $HERE/logs/unet_relations_band2_loss_curve.png
-cp $RUN/relations/shapes-tiny/loss_curve.png $HERE/logs/unet_relations_repair_loss_curve.png
+cp $RUN/relations/repair/loss_curve.png $HERE/logs/unet_relations_repair_loss_curve.png
+cp $RUN/relations/shapes-tiny/loss_curve.png $HERE/logs/unet_relations_anneal_loss_curve.png
 cp $RUN/shapes-tiny/validation/*.png $HERE/logs/ 2>/dev/null || true
 # the repair's grids are named step-N like stage 3's: prefix them so neither overwrites the other
 for f in $RUN/relations/shapes-tiny/validation/*.png; do [ -e "$f" ] || continue; cp "$f" "$HERE/logs/relations-$(basename "$f")"; done
