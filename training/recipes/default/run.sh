@@ -90,7 +90,9 @@ BATCH=$(recipe relations band2_batch_size) relations $RUN/relations/band/final $
   $RUN/relations/band2 "$BAND2_STEPS" --lr-warmup-steps 100
 relations $RUN/relations/band2/final $RUN/repair-data $RUN/relations/repair "$REPAIR_STEPS" \
   --timestep-range-share "$(recipe relations repair_share)"
-# the repair again with the learning rate annealed to zero (cosine) and a new data order: counting +0.09
+# the repair again with the learning rate annealed to zero (cosine) and a new data order: counting +0.09 on
+# the tuning prompts. (A RUN folder made before this stage existed holds the repair in relations/shapes-tiny:
+# move that to relations/repair first, or this stage would resume from it.)
 relations $RUN/relations/repair/final $RUN/repair-data $RUN/relations/shapes-tiny "$ANNEAL_STEPS" \
   --timestep-range-share "$(recipe relations repair_share)" --learning-rate "$(recipe relations anneal_lr)" \
   --lr-scheduler cosine --seed "$(recipe relations anneal_seed)" --validate-every 500 \
