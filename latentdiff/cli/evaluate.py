@@ -109,10 +109,10 @@ def run(args) -> int:
     else:
         if args.images_per_prompt < 1 or args.batch_size < 1:
             raise UserError("--images-per-prompt and --batch-size must be at least 1")
-        from latentdiff.samplers import SAMPLERS
+        from latentdiff.prompts import sampler_names
 
-        if args.sampler is not None and args.sampler not in SAMPLERS:
-            raise UserError(f"unknown --sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if args.sampler is not None and args.sampler not in sampler_names():
+            raise UserError(f"unknown --sampler {args.sampler!r}; choose one of {', '.join(sampler_names())}")
         if args.prompts is None:
             prompt_list = heldout_prompts()
         else:

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 setting = {"sampler": sampler, "steps": steps, "guidance_scale": guidance}
                 rows.append({**setting, **report["categories"], "overall": report["overall"]})
     (out / "tune.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    print("| sampler | steps | guidance | " + " | ".join(k for k in list(rows[0])[3:]) + " |")
+    print("| sampler | steps | guidance | " + " | ".join(list(rows[0])[len(setting) :]) + " |")
     for row in rows:
         print("| " + " | ".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in row.values()) + " |")
     best = max(rows, key=lambda r: r["overall"])
