@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from latentdiff.training.vae_train import edge_l1, latent_scaling_factor, main, vae_loss
+from latentdiff.training.vae_train import edge_l1, foreground_mask, latent_scaling_factor, main, vae_loss, weighted_l1
 from latentdiff.vae import VAE, VAEConfig
 
 TINY = {
@@ -41,6 +42,30 @@ def test_edge_loss_punishes_blur_more_than_pixel_loss():
     assert edge_l1(sharp, sharp) == 0
     pixel = (blurred - sharp).abs().mean()
     assert edge_l1(blurred, sharp) > pixel  # every pixel of the ramp and the step pays
+
+
+def small_shape_scene() -> torch.Tensor:
+    """A gray 16x16 image with one purple 2x2 square: 4 of 256 pixels are foreground."""
+    x = torch.zeros(1, 3, 16, 16)
+    x[0, :, 5:7, 9:11] = torch.tensor([0.4, -0.6, 0.5])[:, None, None]
+    return x
+
+
+def test_foreground_mask_marks_the_shape_not_the_background():
+    mask = foreground_mask(small_shape_scene())
+    assert mask.shape == (1, 1, 16, 16)
+    assert mask.sum() == 4 and mask[0, 0, 5:7, 9:11].all()
+
+
+def test_foreground_weight_makes_a_missing_small_shape_cost_more():
+    x = small_shape_scene()
+    lost = torch.zeros_like(x)  # the decoder drew the background only
+    plain = weighted_l1(lost, x, 0.0)
+    assert plain == pytest.approx(F.l1_loss(lost, x).item())
+    weighted = weighted_l1(lost, x, 8.0)
+    # a weighted mean: a perfect image is still 0; the 4 shape pixels count 9x among 252 + 4 * 9 weights
+    assert weighted_l1(x, x, 8.0) == 0
+    assert weighted / plain == pytest.approx(9 * 256 / (252 + 4 * 9))
 
 
 def test_loss_falls_on_a_fixed_batch():

@@ -50,11 +50,33 @@ def edge_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
+def foreground_mask(target: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """(B, 1, H, W) True where a pixel's colour is off its image's background (the per-channel median).
+
+    Meant for flat backgrounds (Shapes); on a photograph it marks whatever is far from the median colour.
+    """
+    background = target.flatten(2).median(dim=2).values[..., None, None]
+    return (target - background).abs().amax(dim=1, keepdim=True) > threshold
+
+
+def weighted_l1(recon: torch.Tensor, target: torch.Tensor, foreground_weight: float) -> torch.Tensor:
+    """L1 with foreground pixels counted 1 + foreground_weight times, normalised to a weighted mean."""
+    if not foreground_weight:
+        return F.l1_loss(recon, target)
+    w = 1.0 + foreground_weight * foreground_mask(target).to(recon.dtype)
+    return ((recon - target).abs() * w).sum() / (w.sum() * recon.shape[1])
+
+
 def vae_loss(
-    recon: torch.Tensor, target: torch.Tensor, posterior, kl_weight: float, edge_weight: float
+    recon: torch.Tensor,
+    target: torch.Tensor,
+    posterior,
+    kl_weight: float,
+    edge_weight: float,
+    foreground_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss and its parts (for logs)."""
-    rec = F.l1_loss(recon, target)
+    rec = weighted_l1(recon, target, foreground_weight)
     edge = edge_l1(recon, target) if edge_weight else recon.new_zeros(())
     kl = posterior.kl().mean() / target[0].numel()
     total = rec + edge_weight * edge + kl_weight * kl
@@ -188,7 +210,9 @@ def train_vae(args, log=print) -> dict:
         state.micro_batches += 1
         with accelerator.autocast():
             recon, posterior = wrapped(pixels, sample_posterior=True, generator=generator)
-            loss, parts = vae_loss(recon.float(), pixels, posterior, args.kl_weight, args.edge_weight)
+            loss, parts = vae_loss(
+                recon.float(), pixels, posterior, args.kl_weight, args.edge_weight, args.foreground_weight
+            )
         finite = bool(torch.isfinite(loss))
         if finite:
             accelerator.backward(loss)
@@ -415,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-warmup-steps", type=int, default=100)
     p.add_argument("--kl-weight", type=float, default=1e-6, help="weight of KL / numel(x) (LDM: 1e-6)")
     p.add_argument("--edge-weight", type=float, default=1.0, help="weight of the image-gradient L1 (0: off)")
+    p.add_argument(
+        "--foreground-weight",
+        type=float,
+        default=0.0,
+        help="count pixels off the image's background colour (its median) 1+W times in the L1 (flat backgrounds)",
+    )
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: off)")
     p.add_argument("--ema", type=float, nargs="?", const=0.999, default=None, metavar="DECAY")
     p.add_argument("--resolution", type=int, default=64)
