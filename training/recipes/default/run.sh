@@ -4,7 +4,7 @@
 # run this script again with the same settings. See README.md in this folder for the time plan.
 #
 #   bash training/recipes/default/run.sh                 # everything, into runs/default/
-#   RUN=/tmp/r VAE_STEPS=2 DECODER_STEPS=2 UNET_STEPS=4 SHAPES_COUNT=64 BIND_STEPS=2 BAND_STEPS=2 \
+#   RUN=/tmp/r VAE_STEPS=2 DECODER_STEPS=2 DECODER_FG_STEPS=2 UNET_STEPS=4 SHAPES_COUNT=64 BIND_STEPS=2 BAND_STEPS=2 \
 #     BAND2_STEPS=2 REPAIR_STEPS=2 ANNEAL_STEPS=2 REL_SCENES=64 REPAIR_SCENES=64 SHIP=0 bash training/recipes/default/run.sh  # smoke
 #
 # On a GPU nothing changes (Accelerate picks the device); add BATCH/steps to taste.
@@ -18,6 +18,7 @@ PY=${PY:-python}
 recipe() { $PY -c "import json, sys; v = json.load(open('$RECIPE')); [v := v[k] for k in sys.argv[1:]]; print(v)" "$@"; }
 VAE_STEPS=${VAE_STEPS:-$(recipe vae_training max_steps)}
 DECODER_STEPS=${DECODER_STEPS:-$(recipe vae_decoder_training max_steps)}
+DECODER_FG_STEPS=${DECODER_FG_STEPS:-$(recipe vae_decoder_foreground max_steps)}
 UNET_STEPS=${UNET_STEPS:-$(recipe unet_training max_steps)}
 SHAPES_COUNT=${SHAPES_COUNT:-$(recipe unet_training shapes_count)}
 PROMPTS=(
@@ -44,9 +45,15 @@ $PY training/train_vae.py --init $RUN/vae/vae --decoder-only --data shapes:2 --o
   --lr-scheduler "$(recipe vae_decoder_training lr_scheduler)" --lr-warmup-steps "$(recipe vae_decoder_training lr_warmup_steps)" \
   --ema "$(recipe vae_decoder_training ema)" --checkpoint-every 500 --keep-checkpoints 2 --validate-every 500 --resume latest
 
+# 1c. the decoder again, with pixels off the background counted more (small shapes on gray were lost)
+$PY training/train_vae.py --init $RUN/vae-decoder/vae --decoder-only --data shapes:3 --output-dir $RUN/vae-decoder-fg \
+  --max-steps "$DECODER_FG_STEPS" --batch-size "$(recipe vae_decoder_foreground batch_size)" --lr "$(recipe vae_decoder_foreground lr)" \
+  --lr-scheduler cosine --lr-warmup-steps 50 --ema "$(recipe vae_decoder_foreground ema)" \
+  --foreground-weight "$(recipe vae_decoder_foreground foreground_weight)" --checkpoint-every 500 --keep-checkpoints 1 --resume latest
+
 # 2. tokenizer trained on Shapes captions, random text encoder + U-Net, the trained VAE
 if [ ! -f $RUN/init/model_index.json ]; then
-  $PY -m latentdiff.training.scratch --recipe $RECIPE --vae $RUN/vae-decoder/vae --out $RUN/init
+  $PY -m latentdiff.training.scratch --recipe $RECIPE --vae $RUN/vae-decoder-fg/vae --out $RUN/init
 fi
 
 # 3. U-Net and text encoder together, on cached latents of SHAPES_COUNT scenes, ~120 min on 2 CPU cores
