@@ -8,6 +8,10 @@ Loss per image, all terms means over pixels so the weights do not depend on the 
     L = |x - x^|_1 + edge_weight * (|dx x - dx x^|_1 + |dy x - dy x^|_1)
         + kl_weight * KL(q(z|x) || N(0, I)) / numel(x)
 
+With `--foreground-weight W` the first term is a weighted mean instead: pixels whose colour is off the
+image's median (the background, on flat-background data such as Shapes) count 1 + W times, so a small shape
+the decoder drops costs more than the few pixels it covers (the fix for faint shapes on gray, recipe Part 6).
+
 The KL is divided by the number of pixel values, as LDM's weight of ~1e-6 is relative to a per-pixel
 reconstruction sum. Why the edge term: Shapes images are flat colour fields whose information is almost all
 in the edges. A plain pixel loss is satisfied by a slightly blurred edge (few pixels are wrong); an L1 on

@@ -48,7 +48,8 @@ $PY training/train_vae.py --init $RUN/vae/vae --decoder-only --data shapes:2 --o
 # 1c. the decoder again, with pixels off the background counted more (small shapes on gray were lost)
 $PY training/train_vae.py --init $RUN/vae-decoder/vae --decoder-only --data shapes:3 --output-dir $RUN/vae-decoder-fg \
   --max-steps "$DECODER_FG_STEPS" --batch-size "$(recipe vae_decoder_foreground batch_size)" --lr "$(recipe vae_decoder_foreground lr)" \
-  --lr-scheduler cosine --lr-warmup-steps 50 --ema "$(recipe vae_decoder_foreground ema)" \
+  --lr-scheduler "$(recipe vae_decoder_foreground lr_scheduler)" --lr-warmup-steps "$(recipe vae_decoder_foreground lr_warmup_steps)" \
+  --ema "$(recipe vae_decoder_foreground ema)" \
   --foreground-weight "$(recipe vae_decoder_foreground foreground_weight)" --checkpoint-every 500 --keep-checkpoints 1 --resume latest
 
 # 2. tokenizer trained on Shapes captions, random text encoder + U-Net, the trained VAE
@@ -113,6 +114,8 @@ cp $RUN/vae/loss_curve.png $HERE/logs/vae_loss_curve.png
 cp $RUN/vae/reconstructions.png $HERE/logs/vae_reconstructions.png
 cp $RUN/vae-decoder/loss_curve.png $HERE/logs/vae_decoder_loss_curve.png
 cp $RUN/vae-decoder/reconstructions.png $HERE/logs/vae_decoder_reconstructions.png
+cp $RUN/vae-decoder-fg/loss_curve.png $HERE/logs/vae_decoder_fg_loss_curve.png
+cp $RUN/vae-decoder-fg/reconstructions.png $HERE/logs/vae_decoder_fg_reconstructions.png
 cp $RUN/shapes-tiny/loss_curve.png $HERE/logs/unet_loss_curve.png
 cp $RUN/relations/band/loss_curve.png $HERE/logs/unet_relations_band_loss_curve.png
 cp $RUN/relations/band2/loss_curve.png $HERE/logs/unet_relations_band2_loss_curve.png
