@@ -1,29 +1,18 @@
 """training/recipes/default/relation_probe.py: caption edits, and a probe that sees what a model uses."""
 
-import importlib.util
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from train_helpers import RECIPE, recipe_script
 
 from latentdiff.pipeline import BUNDLED_MODEL, LatentDiffusionPipeline
-
-RECIPE = Path(__file__).resolve().parent.parent / "training" / "recipes" / "default"
-
-
-def _script(name):
-    """A recipe script (not a package module) loaded by path."""
-    spec = importlib.util.spec_from_file_location(name, RECIPE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def probe_module():
-    return _script("relation_probe")
+    return recipe_script("relation_probe")
 
 
 def test_edits(probe_module):
@@ -52,7 +41,7 @@ def test_probe_sees_that_colours_matter(probe_module):
 
 
 def test_side_data_captions_name_the_side(tmp_path):
-    side_data = _script("side_data")
+    side_data = recipe_script("side_data")
     side_data.write(tmp_path, 24, seed=3)
     rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and all((tmp_path / r["file_name"]).is_file() for r in rows)
@@ -72,7 +61,7 @@ def test_side_data_captions_name_the_side(tmp_path):
 def test_side_data_adds_shapes_scenes_of_the_mix(tmp_path):
     from latentdiff.training.data import parse_shapes_mix
 
-    _script("side_data").write(tmp_path, 3, seed=2, scenes=12, mix=parse_shapes_mix("position=1000000"))
+    recipe_script("side_data").write(tmp_path, 3, seed=2, scenes=12, mix=parse_shapes_mix("position=1000000"))
     rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 15 and all((tmp_path / r["file_name"]).is_file() for r in rows)
     relation_words = ("left", "right", "above", "below", "over", "under", "top", "bottom")
@@ -83,16 +72,37 @@ def test_side_data_adds_shapes_scenes_of_the_mix(tmp_path):
 def test_side_data_canonical_words_everything_as_the_suite_does(tmp_path):
     from latentdiff.eval.captions import format_caption, parse_caption
 
-    _script("side_data").write(tmp_path, 30, seed=4, scenes=20, canonical=True)
+    recipe_script("side_data").write(tmp_path, 30, seed=4, scenes=20, canonical=True)
     texts = [json.loads(line)["text"] for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
     assert not any(t.startswith("one ") for t in texts[:30])  # side examples: "a/an <colour> <shape> <side>"
     assert all(t.split(" ", 1)[0] == ("an" if t.split(" ")[1][0] in "aeiou" else "a") for t in texts[:30])
     assert all(format_caption(parse_caption(t)) == t for t in texts[30:]), texts[30:]
 
 
+def test_side_data_can_leave_the_background_unnamed_on_the_same_scenes(tmp_path):
+    from latentdiff.eval.captions import parse_caption
+
+    side_data = recipe_script("side_data")
+    named, unnamed, half = (tmp_path / "named", tmp_path / "unnamed", tmp_path / "half")
+    side_data.write(named, 0, seed=3, scenes=40, canonical=True)
+    side_data.write(unnamed, 0, seed=3, scenes=40, canonical=True, unnamed_background=1.0)
+    side_data.write(half, 0, seed=3, scenes=40, canonical=True, unnamed_background=0.5)
+
+    def rows(folder):
+        return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+
+    for a, b in zip(rows(named), rows(unnamed)):
+        assert (named / a["file_name"]).read_bytes() == (unnamed / b["file_name"]).read_bytes()  # same pictures
+        assert parse_caption(a["text"]).background is not None and parse_caption(b["text"]).background is None
+        # the same caption but for the background phrase
+        assert a["text"].startswith(b["text"]) and a["text"][len(b["text"]) :].endswith(" background")
+    unnamed_share = sum(parse_caption(r["text"]).background is None for r in rows(half)) / 40
+    assert 0.25 <= unnamed_share <= 0.75
+
+
 @pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").is_file(), reason="no bundled model")
 def test_probe_reads_a_folder_with_the_edits_that_apply(probe_module, tmp_path):
-    _script("side_data").write(tmp_path, 6, seed=1)
+    recipe_script("side_data").write(tmp_path, 6, seed=1)
     rows = probe_module.probe(LatentDiffusionPipeline.from_pretrained(BUNDLED_MODEL), count=6, seed=1, data=tmp_path)
     assert set(rows[500]) == {"true", "relation", "colour"}  # no "order": one object, nothing to swap
 
@@ -142,7 +152,7 @@ def test_layout_asymmetry_measures_how_far_the_layout_mirrors(probe_module, pred
 
 @pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").is_file(), reason="no bundled model")
 def test_side_learning_runs_both_targets(tmp_path, capsys):
-    side_learning = _script("side_learning")
+    side_learning = recipe_script("side_learning")
     for fresh in ([], ["--fresh"]):
         side_learning.main(
             ["--model", str(BUNDLED_MODEL), "--target", "halves", "--steps", "1", "--batch-size", "2"] + fresh
@@ -151,10 +161,10 @@ def test_side_learning_runs_both_targets(tmp_path, capsys):
     argv = ["--model", str(BUNDLED_MODEL), "--data", str(tmp_path), "--kinds", "1", "--steps", "1"]
     with pytest.raises(SystemExit, match="has no metadata.jsonl"):
         side_learning.main(argv)
-    _script("side_data").write(tmp_path, 3, seed=0)
+    recipe_script("side_data").write(tmp_path, 3, seed=0)
     with pytest.raises(SystemExit, match="no image of 'red circle on the left'"):
         side_learning.main(argv)
-    _script("side_data").write(tmp_path, 1500, seed=0)  # enough for a red circle on either side
+    recipe_script("side_data").write(tmp_path, 1500, seed=0)  # enough for a red circle on either side
     side_learning.main(argv + ["--v-space"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("step     0  side asymmetry ") and lines[1].startswith("trained: red circle ")
@@ -164,7 +174,7 @@ def test_side_learning_runs_both_targets(tmp_path, capsys):
 @pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").is_file(), reason="no bundled model")
 def test_binding_probe_contexts_and_run(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(RECIPE))  # the script imports side_learning beside it
-    binding = _script("binding_probe")
+    binding = recipe_script("binding_probe")
     pipe = LatentDiffusionPipeline.from_pretrained(BUNDLED_MODEL)
     bound = binding.make_encoder(pipe, "bound")
     left, right = bound(["a red circle to the left of an orange star", "a red circle to the right of an orange star"])
@@ -192,7 +202,7 @@ def test_binding_probe_contexts_and_run(monkeypatch, capsys):
 def test_bind_text_targets_and_run(tmp_path, capsys):
     from latentdiff.eval.captions import parse_caption
 
-    bind = _script("bind_text")
+    bind = recipe_script("bind_text")
     prompt = parse_caption("an orange star below a red circle on a gray background")
     assert bind.sub_captions(prompt) == (
         "an orange star at the bottom on a gray background",

@@ -1,7 +1,9 @@
-"""Helpers shared by the training tests: a folder of captioned images and the common train.py arguments."""
+"""Helpers shared by the training tests: a folder of captioned images, the common train.py arguments, and the
+recipe's scripts loaded by path."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +36,14 @@ def train_argv(model, data, out, *extra) -> list[str]:
         "1e-3",
         *map(str, extra),
     ]
+
+
+RECIPE = Path(__file__).resolve().parent.parent / "training" / "recipes" / "default"
+
+
+def recipe_script(name: str):
+    """A script of the default recipe (not a package module), loaded by path."""
+    spec = importlib.util.spec_from_file_location(name, RECIPE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

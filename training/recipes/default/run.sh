@@ -14,8 +14,9 @@ HERE=training/recipes/default
 RECIPE=$HERE/recipe.json
 RUN=${RUN:-runs/default}
 PY=${PY:-python}
-# recipe SECTION [KEY ...]: a value of recipe.json, the one place the settings live (a number N as a key: item N)
-recipe() { $PY -c "import json, sys; v = json.load(open('$RECIPE')); [v := v[int(k) if isinstance(v, list) else k] for k in sys.argv[1:]]; print(v)" "$@"; }
+# recipe SECTION [KEY ...]: a value of recipe.json, the one place the settings live (a number N as a key: item N;
+# '#' as the last key: the length of the list)
+recipe() { $PY -c "import json, sys; v = json.load(open('$RECIPE')); [v := len(v) if k == '#' else v[int(k) if isinstance(v, list) else k] for k in sys.argv[1:]]; print(v)" "$@"; }
 VAE_STEPS=${VAE_STEPS:-$(recipe vae_training max_steps)}
 DECODER_STEPS=${DECODER_STEPS:-$(recipe vae_decoder_training max_steps)}
 DECODER_FG_STEPS=${DECODER_FG_STEPS:-$(recipe vae_decoder_foreground max_steps)}
@@ -110,16 +111,17 @@ relations $RUN/relations/repair/final $RUN/repair-data $RUN/relations/shapes-tin
 # the first round lifted the held-out suite by 0.03 (recipe README "Part 7"). The last round is shipped.
 FRESH_STEPS=${FRESH_STEPS:-$(recipe fresh steps)}
 FRESH_SCENES=${FRESH_SCENES:-$(recipe fresh scenes)}
-ROUNDS=$(recipe fresh data_seeds | tr -d '[],' | wc -w)
+ROUNDS=$(recipe fresh rounds '#')
 prev=$RUN/relations/shapes-tiny/final
 for k in $(seq 1 "$ROUNDS"); do
   out=$RUN/fresh/round-$k dtype=fp32
   [ "$k" = "$ROUNDS" ] && out=$RUN/fresh/shapes-tiny dtype=fp16  # the folder's name becomes the model's name
   [ -f $RUN/fresh-data-$k/metadata.jsonl ] || $PY $HERE/side_data.py --out $RUN/fresh-data-$k --count 0 --canonical \
-    --scenes "$FRESH_SCENES" --shapes-mix "$(recipe fresh shapes_mix)" --seed "$(recipe fresh data_seeds $((k - 1)))"
+    --scenes "$FRESH_SCENES" --shapes-mix "$(recipe fresh shapes_mix)" --seed "$(recipe fresh rounds $((k - 1)) data_seed)" \
+    --unnamed-background "$(recipe fresh rounds $((k - 1)) unnamed_background)"
   relations "$prev" $RUN/fresh-data-$k "$out" "$FRESH_STEPS" --timestep-range-share "$(recipe relations repair_share)" \
     --learning-rate "$(recipe fresh lr)" --lr-scheduler cosine --lr-warmup-steps "$(recipe fresh lr_warmup_steps)" \
-    --seed "$(recipe fresh train_seeds $((k - 1)))" --validate-every 3000 --validation-prompts "${PROMPTS[@]}" \
+    --seed "$(recipe fresh rounds $((k - 1)) train_seed)" --validate-every 3000 --validation-prompts "${PROMPTS[@]}" \
     --save-dtype $dtype
   prev=$out/final
 done

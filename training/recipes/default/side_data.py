@@ -49,19 +49,30 @@ def side_examples(count: int, seed: int, canonical: bool = False):
         yield scene, text
 
 
-def shapes_examples(count: int, seed: int, mix: dict[str, float] | None, canonical: bool = False):
+def shapes_examples(
+    count: int, seed: int, mix: dict[str, float] | None, canonical: bool = False, unnamed_background: float = 0.0
+):
     """Yield (image, caption) of train.py's `--data shapes` kind (held-out combinations excluded); `canonical`:
-    the suite's wording ("a red circle to the left of a blue square on a gray background"), no paraphrases."""
-    from latentdiff.data.shapes import ShapesDataset
+    the suite's wording ("a red circle to the left of a blue square on a gray background"), no paraphrases.
+    `unnamed_background`: with `canonical`, the share of captions that leave the background out, as a quarter
+    of the held-out suite's prompts do (always named otherwise, so such prompts were never trained on)."""
+    from latentdiff.data.shapes import Scene, ShapesDataset
+    from latentdiff.eval.captions import format_caption
     from latentdiff.training.data import heldout_combinations
 
     scenes = ShapesDataset(count, seed=seed, paraphrase=not canonical, exclude=heldout_combinations(), mix=mix)
     for i in range(count):
         example = scenes[i]
-        yield example["image"], example["text"]
+        text = example["text"]
+        # its own stream, so the scenes (and which of them are drawn) stay those of the same seed without it
+        if canonical and np.random.default_rng([seed, i, 1]).random() < unnamed_background:
+            text = format_caption(Scene.from_dict(example["scene"]).prompt(background=False))
+        yield example["image"], text
 
 
-def write(out: Path, count: int, seed: int, scenes: int = 0, mix=None, canonical: bool = False) -> Path:
+def write(
+    out: Path, count: int, seed: int, scenes: int = 0, mix=None, canonical: bool = False, unnamed_background=0.0
+) -> Path:
     import itertools
 
     from latentdiff.data.shapes import render
@@ -69,7 +80,9 @@ def write(out: Path, count: int, seed: int, scenes: int = 0, mix=None, canonical
     sides = ((render(scene), text) for scene, text in side_examples(count, seed, canonical))
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
-        for i, (image, text) in enumerate(itertools.chain(sides, shapes_examples(scenes, seed, mix, canonical))):
+        for i, (image, text) in enumerate(
+            itertools.chain(sides, shapes_examples(scenes, seed, mix, canonical, unnamed_background))
+        ):
             name = f"{i:06d}.png"
             image.save(out / name, compress_level=1)
             f.write(json.dumps({"file_name": name, "text": text}) + "\n")
@@ -84,14 +97,22 @@ def main(argv=None) -> None:
     p.add_argument("--scenes", type=int, default=0, help="ordinary Shapes training scenes to add after the sides")
     p.add_argument("--shapes-mix", default=None, help="their category weights, as train.py's --shapes-mix")
     p.add_argument("--canonical", action="store_true", help="the held-out suite's wording only, no paraphrases")
+    p.add_argument(
+        "--unnamed-background",
+        type=float,
+        default=0.0,
+        help="with --canonical: share of the --scenes captions without the background phrase (default 0)",
+    )
     args = p.parse_args(argv)
+    if not 0.0 <= args.unnamed_background <= 1.0:
+        p.error(f"--unnamed-background must be a share between 0 and 1, got {args.unnamed_background}")
     from latentdiff.training.data import DataError, parse_shapes_mix
 
     try:
         mix = parse_shapes_mix(args.shapes_mix)
     except DataError as e:
         p.error(str(e))
-    print(write(args.out, args.count, args.seed, args.scenes, mix, args.canonical))
+    print(write(args.out, args.count, args.seed, args.scenes, mix, args.canonical, args.unnamed_background))
 
 
 if __name__ == "__main__":
