@@ -100,6 +100,16 @@ def test_side_data_can_leave_the_background_unnamed_on_the_same_scenes(tmp_path)
     assert 0.25 <= unnamed_share <= 0.75
 
 
+def test_tuning_prompts_leave_the_background_out_as_the_suite_does():
+    from latentdiff.eval.captions import heldout_prompts, parse_caption
+
+    tune = recipe_script("tune")
+    named, mixed = tune.tuning_prompts(60, 0.0), tune.tuning_prompts(60, 0.25)
+    assert all(parse_caption(t).background is not None for t in named)
+    assert 5 <= sum(parse_caption(t).background is None for t in mixed) <= 25
+    assert len(mixed) == 60 and not set(mixed) & set(heldout_prompts())
+
+
 @pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").is_file(), reason="no bundled model")
 def test_probe_reads_a_folder_with_the_edits_that_apply(probe_module, tmp_path):
     recipe_script("side_data").write(tmp_path, 6, seed=1)

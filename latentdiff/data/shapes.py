@@ -316,6 +316,15 @@ def caption(scene: Scene, rng=None, paraphrase: bool = False) -> str:
     return text
 
 
+def unnamed_background_caption(example: dict, seed: int, index: int, share: float) -> str:
+    """The canonical caption of a `ShapesDataset(paraphrase=False)` item, without its background phrase for
+    `share` of the items (decided by its own (seed, index) stream, so the scenes stay those of the seed).
+    Such captions name the background always; the held-out suite leaves it out in a quarter of its prompts."""
+    if share > 0 and np.random.default_rng([seed, index, 1]).random() < share:
+        return format_caption(Scene.from_dict(example["scene"]).prompt(background=False))
+    return example["text"]
+
+
 def make_example(seed_or_rng=None, size: int = 64, paraphrase: bool = False, exclude=None, mix=None):
     """One training example: (PIL image, caption, scene dict). Canonical caption unless paraphrase=True;
     `mix`: category weights as for `sample_scene` (default: uniform)."""

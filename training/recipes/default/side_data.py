@@ -56,17 +56,13 @@ def shapes_examples(
     the suite's wording ("a red circle to the left of a blue square on a gray background"), no paraphrases.
     `unnamed_background`: with `canonical`, the share of captions that leave the background out, as a quarter
     of the held-out suite's prompts do (always named otherwise, so such prompts were never trained on)."""
-    from latentdiff.data.shapes import Scene, ShapesDataset
-    from latentdiff.eval.captions import format_caption
+    from latentdiff.data.shapes import ShapesDataset, unnamed_background_caption
     from latentdiff.training.data import heldout_combinations
 
     scenes = ShapesDataset(count, seed=seed, paraphrase=not canonical, exclude=heldout_combinations(), mix=mix)
     for i in range(count):
         example = scenes[i]
-        text = example["text"]
-        # its own stream, so the scenes (and which of them are drawn) stay those of the same seed without it
-        if canonical and np.random.default_rng([seed, i, 1]).random() < unnamed_background:
-            text = format_caption(Scene.from_dict(example["scene"]).prompt(background=False))
+        text = unnamed_background_caption(example, seed, i, unnamed_background) if canonical else example["text"]
         yield example["image"], text
 
 

@@ -17,15 +17,15 @@ from pathlib import Path
 TUNING_SEED = 777
 
 
-def tuning_prompts(count: int) -> list[str]:
-    from latentdiff.data.shapes import ShapesDataset
+def tuning_prompts(count: int, unnamed_background: float = 0.0) -> list[str]:
+    from latentdiff.data.shapes import ShapesDataset, unnamed_background_caption
     from latentdiff.eval.captions import heldout_prompts
     from latentdiff.training.data import heldout_combinations
 
     suite = set(heldout_prompts())
     scenes = ShapesDataset(4 * count, seed=TUNING_SEED, size=64, paraphrase=False, exclude=heldout_combinations())
-    prompts = [text for text in (scenes[i]["text"] for i in range(len(scenes))) if text not in suite]
-    return prompts[:count]
+    texts = (unnamed_background_caption(scenes[i], TUNING_SEED, i, unnamed_background) for i in range(len(scenes)))
+    return [text for text in texts if text not in suite][:count]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="20", help="comma-separated step counts")
     p.add_argument("--samplers", default="dpmpp_2m", help="comma-separated sampler names")
     p.add_argument("--count", type=int, default=120, help="tuning prompts")
+    p.add_argument(
+        "--unnamed-background",
+        type=float,
+        default=0.25,
+        help="share of tuning prompts without a background phrase, as in the held-out suite (default 0.25; "
+        "the recipe README's figures before session 14 had 0)",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompt_file = out / "tuning_prompts.txt"
-    prompt_file.write_text("\n".join(tuning_prompts(args.count)) + "\n", encoding="utf-8")
+    prompt_file.write_text("\n".join(tuning_prompts(args.count, args.unnamed_background)) + "\n", encoding="utf-8")
     rows = []
     for sampler in args.samplers.split(","):
         for steps in (int(s) for s in args.steps.split(",")):
