@@ -102,6 +102,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not 0.0 <= args.unnamed_background <= 1.0:
         p.error(f"--unnamed-background must be a share between 0 and 1, got {args.unnamed_background}")
+    if args.unnamed_background and not args.canonical:
+        p.error("--unnamed-background needs --canonical (paraphrased captions already leave it out half the time)")
     from latentdiff.training.data import DataError, parse_shapes_mix
 
     try:

@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         "the recipe README's figures before session 14 had 0)",
     )
     args = p.parse_args(argv)
+    if not 0.0 <= args.unnamed_background <= 1.0:
+        p.error(f"--unnamed-background must be a share between 0 and 1, got {args.unnamed_background}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompt_file = out / "tuning_prompts.txt"
