@@ -100,6 +100,20 @@ def test_side_data_can_leave_the_background_unnamed_on_the_same_scenes(tmp_path)
     assert 0.25 <= unnamed_share <= 0.75
 
 
+def test_side_data_background_mix_reaches_the_scenes(tmp_path, capsys):
+    from latentdiff.eval.captions import parse_caption
+
+    side_data = recipe_script("side_data")
+    side_data.main(
+        ["--out", str(tmp_path), "--count", "0", "--scenes", "24", "--canonical", "--background-mix", "white=0,black=0"]
+    )
+    texts = [json.loads(line)["text"] for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert len(texts) == 24 and {parse_caption(t).background for t in texts} == {"gray"}
+    with pytest.raises(SystemExit):
+        side_data.main(["--out", str(tmp_path / "bad"), "--count", "0", "--background-mix", "grey=2"])
+    assert "--background-mix 'grey=2'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_tuning_prompts_leave_the_background_out_as_the_suite_does():
     from latentdiff.eval.captions import heldout_prompts, parse_caption
 

@@ -145,6 +145,17 @@ def test_category_mix_sets_the_frequencies():
     assert {Scene.from_dict(data[i]["scene"]).category for i in range(40)} == {"counting"}
 
 
+def test_background_weights_set_the_frequencies_and_default_draws_as_before():
+    rng = np.random.default_rng(4)
+    drawn = [sample_scene(rng, backgrounds={"gray": 2.0, "black": 1.0}).background for _ in range(600)]
+    assert set(drawn) == {"gray", "black"}  # unnamed backgrounds weigh 0
+    assert 0.60 < drawn.count("gray") / len(drawn) < 0.73  # expected 2/3; sd 0.019
+    data = ShapesDataset(30, seed=2, backgrounds={"white": 1.0})
+    assert {data[i]["scene"]["background"] for i in range(30)} == {"white"}
+    # no weights: the draws of earlier versions, so a seed keeps naming the same scenes
+    assert ShapesDataset(10, seed=5, backgrounds=None)[7]["scene"] == ShapesDataset(10, seed=5)[7]["scene"]
+
+
 def test_other_sizes_scale():
     scene = sample_scene(3, size=128)
     image = render(scene)

@@ -17,6 +17,7 @@ from latentdiff.training.data import (
     Example,
     bad_files_message,
     find_examples,
+    parse_background_mix,
     parse_shapes_mix,
     parse_shapes_spec,
 )
@@ -307,3 +308,11 @@ def test_shapes_mix_parses_and_names_its_mistakes():
     ]:
         with pytest.raises(DataError, match=words):
             parse_shapes_mix(spec)
+
+
+def test_background_mix_parses_and_names_its_mistakes():
+    assert parse_background_mix("gray=2") == {"white": 1.0, "black": 1.0, "gray": 2.0}
+    assert parse_background_mix(None) is None
+    for spec, words in [("grey=2", "not BACKGROUND=WEIGHT.*white, black, gray"), ("gray=x", "must be a number")]:
+        with pytest.raises(DataError, match=f"--background-mix '{spec}'.*{words}"):
+            parse_background_mix(spec)

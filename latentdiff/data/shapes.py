@@ -198,29 +198,39 @@ def relation_holds(a: ShapeObject, b: ShapeObject, relation: str, canvas: int) -
     return along >= MIN_RELATION_OFFSET * canvas and abs(across) <= MAX_RELATION_SLANT * along
 
 
-def sample_scene(seed_or_rng=None, size: int = 64, category: str | dict | None = None, exclude=None) -> Scene:
+def sample_scene(
+    seed_or_rng=None, size: int = 64, category: str | dict | None = None, exclude=None, backgrounds=None
+) -> Scene:
     """Draw a random scene on a `size` canvas; `category` one of CATEGORIES, or a mix {category: weight}
-    (categories left out weigh 0); default: all four equally likely.
+    (categories left out weigh 0); default: all four equally likely. `backgrounds`: {name: weight} likewise
+    for the background (default: the three equally likely).
 
     `exclude`: a set of canonical captions never to show (e.g. held-out two-object prompts); a scene is
     redrawn while any canonical caption of it (`canonical_captions`) is in the set.
     """
     rng = _as_rng(seed_or_rng)
     while True:
-        scene = _sample_scene(rng, size, category)
+        scene = _sample_scene(rng, size, category, backgrounds)
         if not exclude or exclude.isdisjoint(canonical_captions(scene)):
             return scene
 
 
-def _sample_scene(rng, size: int, category: str | dict | None) -> Scene:
+def _weighted(rng, names, weights: dict):
+    p = np.array([float(weights.get(n, 0.0)) for n in names])
+    return names[rng.choice(len(names), p=p / p.sum())]
+
+
+def _sample_scene(rng, size: int, category: str | dict | None, backgrounds: dict | None = None) -> Scene:
     if category is None:
         category = CATEGORIES[rng.integers(len(CATEGORIES))]
     elif isinstance(category, dict):
-        weights = np.array([float(category.get(c, 0.0)) for c in CATEGORIES])
-        category = CATEGORIES[rng.choice(len(CATEGORIES), p=weights / weights.sum())]
+        category = _weighted(rng, CATEGORIES, category)
     elif category not in CATEGORIES:
         raise ValueError(f"unknown category {category!r}; choose from {CATEGORIES}")
-    background = BACKGROUND_NAMES[rng.integers(len(BACKGROUND_NAMES))]
+    if backgrounds is None:  # (drawn as before when unweighted: the same seed keeps giving the same scenes)
+        background = BACKGROUND_NAMES[rng.integers(len(BACKGROUND_NAMES))]
+    else:
+        background = _weighted(rng, BACKGROUND_NAMES, backgrounds)
     kinds = ((COLOR_NAMES[rng.integers(8)], SHAPES[rng.integers(4)]),)
     if category == "single":
         prompt = Prompt(kinds, background=background)
@@ -325,11 +335,11 @@ def unnamed_background_caption(example: dict, seed: int, index: int, share: floa
     return example["text"]
 
 
-def make_example(seed_or_rng=None, size: int = 64, paraphrase: bool = False, exclude=None, mix=None):
+def make_example(seed_or_rng=None, size: int = 64, paraphrase: bool = False, exclude=None, mix=None, backgrounds=None):
     """One training example: (PIL image, caption, scene dict). Canonical caption unless paraphrase=True;
-    `mix`: category weights as for `sample_scene` (default: uniform)."""
+    `mix`, `backgrounds`: category and background weights as for `sample_scene` (default: uniform)."""
     rng = _as_rng(seed_or_rng)
-    scene = sample_scene(rng, size, mix, exclude=exclude)
+    scene = sample_scene(rng, size, mix, exclude=exclude, backgrounds=backgrounds)
     text = caption(scene, rng, paraphrase=True) if paraphrase else caption(scene)
     return render(scene), text, scene.to_dict()
 
@@ -338,8 +348,18 @@ class ShapesDataset:
     """Map-style dataset of `length` scenes; item i is drawn from seed (seed, i), so any order or worker
     split gives the same examples. Items: {"image": PIL, "text": str, "scene": dict}."""
 
-    def __init__(self, length: int, seed: int = 0, size: int = 64, paraphrase: bool = True, exclude=None, mix=None):
+    def __init__(
+        self,
+        length: int,
+        seed: int = 0,
+        size: int = 64,
+        paraphrase: bool = True,
+        exclude=None,
+        mix=None,
+        backgrounds=None,
+    ):
         self.length, self.seed, self.size, self.paraphrase, self.mix = length, seed, size, paraphrase, mix
+        self.backgrounds = backgrounds
         self.exclude = None if exclude is None else set(exclude)
 
     def __len__(self) -> int:
@@ -349,7 +369,7 @@ class ShapesDataset:
         if not 0 <= i < self.length:
             raise IndexError(i)
         image, text, scene = make_example(
-            np.random.default_rng([self.seed, i]), self.size, self.paraphrase, self.exclude, self.mix
+            np.random.default_rng([self.seed, i]), self.size, self.paraphrase, self.exclude, self.mix, self.backgrounds
         )
         return {"image": image, "text": text, "scene": scene}
 

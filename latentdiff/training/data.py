@@ -293,25 +293,37 @@ def parse_shapes_mix(spec: str | None) -> dict[str, float] | None:
     relative frequency of each scene category (unnamed ones keep weight 1); None or '' -> None (uniform)."""
     from latentdiff.eval.captions import CATEGORIES
 
+    return _parse_weights(spec, CATEGORIES, "--shapes-mix", "position=3,two_objects=2", "CATEGORY")
+
+
+def parse_background_mix(spec: str | None) -> dict[str, float] | None:
+    """'gray=2' -> {"white": 1, "black": 1, "gray": 2}: the relative frequency of each Shapes background, as
+    `parse_shapes_mix` for the categories; None or '' -> None (uniform)."""
+    from latentdiff.eval.captions import BACKGROUND_NAMES
+
+    return _parse_weights(spec, BACKGROUND_NAMES, "--background-mix", "gray=2", "BACKGROUND")
+
+
+def _parse_weights(spec: str | None, names, flag: str, example: str, what: str) -> dict[str, float] | None:
     if not spec:
         return None
-    mix = dict.fromkeys(CATEGORIES, 1.0)
+    mix = dict.fromkeys(names, 1.0)
     for part in spec.split(","):
         name, sep, value = part.strip().partition("=")
         name = name.strip()
-        if not sep or name not in CATEGORIES:
+        if not sep or name not in names:
             raise DataError(
-                f"--shapes-mix {spec!r}: {part.strip()!r} is not CATEGORY=WEIGHT with CATEGORY one of "
-                f"{', '.join(CATEGORIES)} (e.g. --shapes-mix position=3,two_objects=2)"
+                f"{flag} {spec!r}: {part.strip()!r} is not {what}=WEIGHT with {what} one of "
+                f"{', '.join(names)} (e.g. {flag} {example})"
             )
         try:
             mix[name] = float(value)
         except ValueError:
-            raise DataError(f"--shapes-mix {spec!r}: the weight of {name} must be a number, got {value!r}") from None
+            raise DataError(f"{flag} {spec!r}: the weight of {name} must be a number, got {value!r}") from None
         if not mix[name] >= 0.0 or mix[name] == float("inf"):
-            raise DataError(f"--shapes-mix {spec!r}: the weight of {name} must be finite and >= 0")
+            raise DataError(f"{flag} {spec!r}: the weight of {name} must be finite and >= 0")
     if sum(mix.values()) <= 0.0:
-        raise DataError(f"--shapes-mix {spec!r}: at least one category needs a weight above 0")
+        raise DataError(f"{flag} {spec!r}: at least one {what.lower()} needs a weight above 0")
     return mix
 
 

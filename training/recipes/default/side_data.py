@@ -50,16 +50,24 @@ def side_examples(count: int, seed: int, canonical: bool = False):
 
 
 def shapes_examples(
-    count: int, seed: int, mix: dict[str, float] | None, canonical: bool = False, unnamed_background: float = 0.0
+    count: int,
+    seed: int,
+    mix: dict[str, float] | None,
+    canonical: bool = False,
+    unnamed_background: float = 0.0,
+    backgrounds: dict[str, float] | None = None,
 ):
     """Yield (image, caption) of train.py's `--data shapes` kind (held-out combinations excluded); `canonical`:
     the suite's wording ("a red circle to the left of a blue square on a gray background"), no paraphrases.
     `unnamed_background`: with `canonical`, the share of captions that leave the background out, as a quarter
-    of the held-out suite's prompts do (always named otherwise, so such prompts were never trained on)."""
+    of the held-out suite's prompts do (always named otherwise, so such prompts were never trained on).
+    `backgrounds`: background weights (default: uniform)."""
     from latentdiff.data.shapes import ShapesDataset, unnamed_background_caption
     from latentdiff.training.data import heldout_combinations
 
-    scenes = ShapesDataset(count, seed=seed, paraphrase=not canonical, exclude=heldout_combinations(), mix=mix)
+    scenes = ShapesDataset(
+        count, seed=seed, paraphrase=not canonical, exclude=heldout_combinations(), mix=mix, backgrounds=backgrounds
+    )
     for i in range(count):
         example = scenes[i]
         text = unnamed_background_caption(example, seed, i, unnamed_background) if canonical else example["text"]
@@ -67,7 +75,14 @@ def shapes_examples(
 
 
 def write(
-    out: Path, count: int, seed: int, scenes: int = 0, mix=None, canonical: bool = False, unnamed_background=0.0
+    out: Path,
+    count: int,
+    seed: int,
+    scenes: int = 0,
+    mix=None,
+    canonical: bool = False,
+    unnamed_background=0.0,
+    backgrounds=None,
 ) -> Path:
     import itertools
 
@@ -77,7 +92,7 @@ def write(
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
         for i, (image, text) in enumerate(
-            itertools.chain(sides, shapes_examples(scenes, seed, mix, canonical, unnamed_background))
+            itertools.chain(sides, shapes_examples(scenes, seed, mix, canonical, unnamed_background, backgrounds))
         ):
             name = f"{i:06d}.png"
             image.save(out / name, compress_level=1)
@@ -92,6 +107,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--scenes", type=int, default=0, help="ordinary Shapes training scenes to add after the sides")
     p.add_argument("--shapes-mix", default=None, help="their category weights, as train.py's --shapes-mix")
+    p.add_argument(
+        "--background-mix",
+        default=None,
+        help="the --scenes backgrounds' weights, e.g. gray=2 (default: the three equally often)",
+    )
     p.add_argument("--canonical", action="store_true", help="the held-out suite's wording only, no paraphrases")
     p.add_argument(
         "--unnamed-background",
@@ -104,13 +124,16 @@ def main(argv=None) -> None:
         p.error(f"--unnamed-background must be a share between 0 and 1, got {args.unnamed_background}")
     if args.unnamed_background and not args.canonical:
         p.error("--unnamed-background needs --canonical (paraphrased captions already leave it out half the time)")
-    from latentdiff.training.data import DataError, parse_shapes_mix
+    from latentdiff.training.data import DataError, parse_background_mix, parse_shapes_mix
 
     try:
         mix = parse_shapes_mix(args.shapes_mix)
+        backgrounds = parse_background_mix(args.background_mix)
     except DataError as e:
         p.error(str(e))
-    print(write(args.out, args.count, args.seed, args.scenes, mix, args.canonical, args.unnamed_background))
+    print(
+        write(args.out, args.count, args.seed, args.scenes, mix, args.canonical, args.unnamed_background, backgrounds)
+    )
 
 
 if __name__ == "__main__":
