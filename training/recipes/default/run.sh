@@ -119,8 +119,9 @@ for k in $(seq 1 "$ROUNDS"); do
   [ -f $RUN/fresh-data-$k/metadata.jsonl ] || $PY $HERE/side_data.py --out $RUN/fresh-data-$k --count 0 --canonical \
     --scenes "$FRESH_SCENES" --shapes-mix "$(recipe fresh shapes_mix)" --seed "$(recipe fresh rounds $((k - 1)) data_seed)" \
     --unnamed-background "$(recipe fresh rounds $((k - 1)) unnamed_background)"
-  # the last round trains the text encoder too: frozen since 3b, it encoded "above" and "below" almost alike
-  # (context distance 0.4, left/right 5.0), so the U-Net stacked the pair but guessed which went on top
+  # a round marked train_text_encoder (the last) trains the text encoder too: frozen since 3b, it encoded
+  # "above" and "below" almost alike (context distance 0.4, left/right 5.0), so the U-Net stacked the pair
+  # but guessed which went on top
   te=()
   if [ "$(recipe fresh rounds $((k - 1)) train_text_encoder)" = True ]; then te=(--train-text-encoder); fi
   relations "$prev" $RUN/fresh-data-$k "$out" "$FRESH_STEPS" --timestep-range-share "$(recipe relations repair_share)" \
