@@ -12,6 +12,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from latentdiff import __version__, folders
+from latentdiff import workers as parallel
 from latentdiff.attention import inference_cache
 from latentdiff.clip import CLIPTextEncoder, CLIPTextSettings
 from latentdiff.config import read_json, write_json
@@ -193,8 +194,13 @@ class LatentDiffusionPipeline:
         eta: float = 0.0,
         progress: bool = True,
         callback=None,
+        workers: int | None = None,
     ) -> list[Image.Image]:
-        """Images for `prompt`; `callback(i, t, x)` (if given) sees the latents after each step."""
+        """Images for `prompt`; `callback(i, t, x)` (if given) sees the latents after each step.
+
+        `workers`: CPU processes that share the batch (None: 2 for a CPU batch on Linux when torch has 2+
+        threads, else 1); each image is computed whole in one of them, so it does not change.
+        """
         prompts = _as_prompt_list(prompt, "prompt")
         negatives = _negatives(negative_prompt, len(prompts))
         height = self.defaults.get("height", self.native_size) if height is None else height
@@ -205,9 +211,9 @@ class LatentDiffusionPipeline:
         if karras is None:  # the stored default applies only to the stored sampler
             karras = bool(self.defaults.get("karras")) and sampler_name == self.defaults["sampler"]
         self._check_call(height, width, steps, sampler_name, num_images_per_prompt)
+        if workers is not None:
+            parallel.check_workers(workers, self.device, callback)
         options = {"eta": eta} if sampler_name == "ddim" else {}
-        schedule = make_sampler(sampler_name, self.scheduler_config, karras=karras, **options)
-        schedule.set_timesteps(steps)
 
         # 1. One entry per image, prompts-major: image k = (prompt k // n, its k % n-th image).
         n = num_images_per_prompt
@@ -216,39 +222,24 @@ class LatentDiffusionPipeline:
         seeds = _seeds(seed, len(image_prompts))
 
         # 2. Text context; the unconditional half only when guidance is on (guidance_scale > 1).
-        guided = guidance_scale > 1.0
         context = self.encode(image_prompts, clip_skip)
-        if guided:
-            context = torch.cat([self.encode(image_negatives, clip_skip), context])
+        uncond = self.encode(image_negatives, clip_skip) if guidance_scale > 1.0 else None
 
-        # 3. Initial noise per image from its own CPU generator: independent of batch size and device.
-        shape = (
-            1,
-            self.unet.config.in_channels,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
-        )
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        x = torch.cat([torch.randn(shape, generator=g) for g in generators])
-        x = (x * schedule.init_noise_sigma).to(self.device, self.dtype)
+        def render(start: int, stop: int, show: bool) -> np.ndarray:
+            schedule = make_sampler(sampler_name, self.scheduler_config, karras=karras, **options)
+            schedule.set_timesteps(steps)
+            part = context[start:stop] if uncond is None else torch.cat([uncond[start:stop], context[start:stop]])
+            x = self._denoise(schedule, part, seeds[start:stop], height, width, guidance_scale, show, callback)
+            return self._pixels(x)
 
-        # 4. Reverse diffusion, with classifier-free guidance (Ho & Salimans 2022). The weights and the
-        #    context are fixed for the call: fused attention weights and the context's k, v are made once.
-        #    Both halves share x, so the U-Net runs its layers before the first cross-attention once.
-        with inference_cache(self.unet):
-            for i, t in enumerate(tqdm(schedule.timesteps, desc="denoising", disable=not progress, leave=False)):
-                model_in = schedule.scale_model_input(x, t)
-                if guided:
-                    out_uncond, out_cond = self.unet(model_in, t, context, sample_repeats=2).chunk(2)
-                    model_output = out_uncond + guidance_scale * (out_cond - out_uncond)
-                else:
-                    model_output = self.unet(model_in, t, context)
-                x = schedule.step(model_output, t, x, generators=generators)
-                if callback is not None:
-                    callback(i, t, x)
-
-        # 5. Latents -> pixels in [-1, 1] -> uint8, rounded as diffusers does.
-        images = self.decode_latents(x)
+        # 3. The images, in one process or (CPU batches) cut across several: each image is the same.
+        count = len(image_prompts)
+        workers = parallel.auto_workers(count, self.device) if workers is None else min(workers, count)
+        if workers > 1:
+            pixels = parallel.render_split(render, count, (height, width, 3), workers, progress)
+        else:
+            pixels = render(0, count, progress)
+        images = [Image.fromarray(a) for a in pixels]
         records = [
             {
                 "prompt": p,
@@ -270,11 +261,43 @@ class LatentDiffusionPipeline:
         ]
         return [attach(image, record) for image, record in zip(images, records)]
 
+    def _denoise(self, schedule, context, seeds, height, width, guidance_scale, progress, callback) -> torch.Tensor:
+        """Latents for len(seeds) images; `context` holds the unconditional rows first when guided."""
+        # Initial noise per image from its own CPU generator: independent of batch size and device.
+        shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        x = torch.cat([torch.randn(shape, generator=g) for g in generators])
+        x = (x * schedule.init_noise_sigma).to(self.device, self.dtype)
+
+        # Reverse diffusion, with classifier-free guidance (Ho & Salimans 2022). The weights and the
+        # context are fixed for the call: fused attention weights and the context's k, v are made once.
+        # Both halves share x, so the U-Net runs its layers before the first cross-attention once.
+        guided = guidance_scale > 1.0
+        with inference_cache(self.unet):
+            # No tqdm at all without a bar: even a disabled one takes tqdm's lock, which a forked worker
+            # (see workers.py) may have inherited held by the parent's tqdm monitor thread.
+            timesteps = tqdm(schedule.timesteps, desc="denoising", leave=False) if progress else schedule.timesteps
+            for i, t in enumerate(timesteps):
+                model_in = schedule.scale_model_input(x, t)
+                if guided:
+                    out_uncond, out_cond = self.unet(model_in, t, context, sample_repeats=2).chunk(2)
+                    model_output = out_uncond + guidance_scale * (out_cond - out_uncond)
+                else:
+                    model_output = self.unet(model_in, t, context)
+                x = schedule.step(model_output, t, x, generators=generators)
+                if callback is not None:
+                    callback(i, t, x)
+        return x
+
     def decode_latents(self, x: torch.Tensor) -> list[Image.Image]:
+        return [Image.fromarray(a) for a in self._pixels(x)]
+
+    def _pixels(self, x: torch.Tensor) -> np.ndarray:
+        """Latents -> pixels in [-1, 1] -> uint8 (N, H, W, 3), rounded as diffusers does."""
         shift = self.vae.config.shift_factor or 0.0
         pixels = self.vae.decode(x / self.vae.config.scaling_factor + shift)
         arrays = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-        return [Image.fromarray(a) for a in (arrays * 255).round().astype(np.uint8)]
+        return (arrays * 255).round().astype(np.uint8)
 
     def _check_call(self, height: int, width: int, steps, sampler: str, n: int) -> None:
         m = self.size_multiple

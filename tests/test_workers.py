@@ -1,0 +1,142 @@
+"""A batch cut across forked worker processes: the same images, nothing lost when a worker fails."""
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from latentdiff import LatentDiffusionPipeline
+from latentdiff import workers as parallel
+from latentdiff.testing.tiny import save_tiny_pipeline
+
+pytestmark = pytest.mark.skipif(not parallel.can_fork(), reason="worker processes are forked, on Linux only")
+SIZE = 32
+SHAPE = (2, 3, 3)  # the pixels of one fake image in the render_split tests
+HERE, ELSEWHERE = 1, 2  # what fake_render writes in an image's last value: made by this process or not
+PARENT = os.getpid()
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    folder = save_tiny_pipeline(tmp_path_factory.mktemp("w") / "m", "sd1", seed=3)
+    return LatentDiffusionPipeline.from_pretrained(folder)
+
+
+def pixels(images):
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+def fake_render(start, stop, show):
+    """Image k is filled with k, and says which process made it in its last value."""
+    out = np.empty((stop - start, *SHAPE), np.uint8)
+    for k in range(start, stop):
+        out[k - start] = k
+        out[k - start, -1, -1, -1] = HERE if os.getpid() == PARENT else ELSEWHERE
+    return out
+
+
+@pytest.mark.parametrize("count,workers", [(2, 2), (5, 2), (7, 3), (3, 3)])
+def test_slices_cover_the_batch_in_order(count, workers):
+    parts = parallel.slices(count, workers)
+    assert [k for a, b in parts for k in range(a, b)] == list(range(count))
+    sizes = [b - a for a, b in parts]
+    assert max(sizes) - min(sizes) <= 1 and sizes[0] == max(sizes) and min(sizes) >= 1
+
+
+def test_each_slice_is_made_by_its_own_process_and_lands_in_place():
+    out = parallel.render_split(fake_render, 5, SHAPE, 2, progress=False)
+    assert [int(image[0, 0, 0]) for image in out] == list(range(5))
+    makers = [int(image[-1, -1, -1]) for image in out]
+    assert makers == [HERE] * 3 + [ELSEWHERE] * 2  # the parent keeps the first (larger) slice
+
+
+def test_a_failing_worker_is_redone_here_with_a_warning():
+    def render(start, stop, show):
+        if os.getpid() != PARENT:
+            raise RuntimeError("out of memory in the worker")
+        return fake_render(start, stop, show)
+
+    with pytest.warns(UserWarning, match=r"worker process failed: RuntimeError: out of memory.*images 3\.\.4"):
+        out = parallel.render_split(render, 5, SHAPE, 2, progress=False)
+    assert [int(image[0, 0, 0]) for image in out] == list(range(5))
+    assert {int(image[-1, -1, -1]) for image in out} == {HERE}
+
+
+def test_a_refused_fork_is_done_here_with_a_warning(monkeypatch):
+    def refuse():
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(parallel.os, "fork", refuse)
+    with pytest.warns(UserWarning, match=r"fork failed.*images 2\.\.3"):
+        out = parallel.render_split(fake_render, 4, SHAPE, 2, progress=False)
+    assert [int(image[0, 0, 0]) for image in out] == list(range(4))
+
+
+def test_an_interrupt_leaves_no_worker_behind(monkeypatch):
+    started = []
+    real_fork = os.fork
+
+    def recording_fork():
+        pid = real_fork()
+        if pid:
+            started.append(pid)
+        return pid
+
+    def render(start, stop, show):
+        if os.getpid() != PARENT:
+            time.sleep(60)  # a worker still busy when the parent is interrupted
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(parallel.os, "fork", recording_fork)
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        parallel.render_split(render, 4, SHAPE, 2, progress=False)
+    assert time.monotonic() - began < 30 and len(started) == 1
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not a zombie
+        os.kill(started[0], 0)
+
+
+def test_auto_uses_two_processes_only_for_a_cpu_batch_in_a_lone_thread(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cpu = torch.device("cpu")
+    assert parallel.auto_workers(4, cpu) == 2
+    assert parallel.auto_workers(1, cpu) == 1
+    assert parallel.auto_workers(4, torch.device("cuda")) == 1
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert parallel.auto_workers(4, cpu) == 1  # a user's thread might hold a lock the child needs
+    finally:
+        stop.set()
+        other.join()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert parallel.auto_workers(4, cpu) == 1
+    monkeypatch.setattr(parallel.sys, "platform", "darwin")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert parallel.auto_workers(4, cpu) == 1
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_pipeline_images_and_metadata_do_not_depend_on_workers(pipe, workers):
+    common = dict(height=SIZE, width=SIZE, steps=3, sampler="euler_a", progress=False, seed=40)
+    prompts = ["a red circle", "a blue star", "a green square"]
+    one = pipe(prompts, num_images_per_prompt=2, workers=1, **common)
+    split = pipe(prompts, num_images_per_prompt=2, workers=workers, **common)
+    assert np.abs(pixels(one) - pixels(split)).max() <= 1
+    assert [im.info for im in one] == [im.info for im in split]
+
+
+def test_pipeline_rejects_workers_it_cannot_use(pipe, monkeypatch):
+    common = dict(height=SIZE, width=SIZE, steps=1, progress=False)
+    for bad in (0, -2, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="workers must be a positive integer"):
+            pipe(["a", "b"], workers=bad, **common)
+    with pytest.raises(ValueError, match="callback .* needs workers=1"):
+        pipe(["a", "b"], workers=2, callback=lambda i, t, x: None, **common)
+    monkeypatch.setattr(parallel.sys, "platform", "darwin")
+    with pytest.raises(ValueError, match="only on Linux .*darwin.*use workers=1"):
+        pipe(["a", "b"], workers=2, **common)
