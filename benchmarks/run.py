@@ -70,13 +70,13 @@ def load_pair(folder: Path):
     return ours, theirs
 
 
-def callers(ours, theirs, batch: int, size: int, steps: int, guidance: float):
+def callers(ours, theirs, batch: int, size: int, steps: int, guidance: float, workers: int | None = None):
     seeds = list(range(batch))
     prompts = [PROMPT] * batch
     common = dict(height=size, width=size, guidance_scale=guidance)
 
     def run_ours():
-        return ours(prompts, seed=seeds, steps=steps, sampler="dpmpp_2m", progress=False, **common)
+        return ours(prompts, seed=seeds, steps=steps, sampler="dpmpp_2m", progress=False, workers=workers, **common)
 
     def run_theirs():
         gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -111,9 +111,12 @@ def row_small(args) -> None:
     print(f"# row 1: {what} ({folder})", flush=True)
     ours, theirs = load_pair(folder)
     size, guidance = ours.defaults.get("height", ours.native_size), ours.defaults["guidance_scale"]
-    for batch in [8] if args.quick else [1, 8]:
-        run_ours, run_theirs = callers(ours, theirs, batch, size, 25, guidance)
-        row(**compare(f"1. small e2e b{batch} {size}px 25 dpmpp_2m", {"ours": run_ours, "theirs": run_theirs},
+    # A batch is cut across worker processes by default (latentdiff/workers.py); the "one process" row
+    # keeps the like-for-like comparison of the two libraries' code on the same threads.
+    cases = [(8, None, "")] if args.quick else [(1, None, ""), (8, None, ""), (8, 1, ", one process")]
+    for batch, workers, note in cases:
+        run_ours, run_theirs = callers(ours, theirs, batch, size, 25, guidance, workers)
+        row(**compare(f"1. small e2e b{batch} {size}px 25 dpmpp_2m{note}", {"ours": run_ours, "theirs": run_theirs},
                       args.repeats, model=what))  # fmt: skip
     if 6 in args.rows:
         row_bf16(args, folder, theirs, size, guidance)

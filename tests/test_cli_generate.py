@@ -114,6 +114,18 @@ def test_cli_image_is_pixel_identical_to_api(model, tmp_path):
     assert np.array_equal(pixels(out / row["file"]), np.asarray(image))
 
 
+def test_worker_processes_write_the_images_one_process_writes(model, tmp_path):
+    prompts = ["-p", "a red circle", "-p", "a blue star", "-p", "a cyan square"]
+    options = [*prompts, "--batch-size", "3", "--seed", "4", "--model", model, *FAST]
+    assert generate(*options, "--workers", "1", "--out", tmp_path / "one") == 0
+    assert generate(*options, "--workers", "2", "--out", tmp_path / "two") == 0
+    one, two = manifest(tmp_path / "one"), manifest(tmp_path / "two")
+    assert one == two and len(one) == 3
+    for row in one:
+        difference = pixels(tmp_path / "one" / row["file"]).astype(int) - pixels(tmp_path / "two" / row["file"])
+        assert np.abs(difference).max() <= 1
+
+
 def test_jsonl_csv_images_per_line_batching_and_grid(model, tmp_path, monkeypatch):
     from latentdiff.pipeline import LatentDiffusionPipeline
 
@@ -236,6 +248,7 @@ def test_hostile_prompt_stays_inside_out(model, tmp_path):
         (["--out", "{tmp}/file/sub"], "cannot write to --out {tmp}/file/sub"),
         (["--sampler", "warp"], "unknown sampler 'warp'; choose from ddim, ddpm"),
         (["--steps", "0"], "--steps must be at least 1"),
+        (["--workers", "0"], "--workers must be at least 1"),
         ([], "give a prompt file (.txt, .jsonl, .csv) or at least one -p TEXT"),
     ],
 )

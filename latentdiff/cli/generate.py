@@ -72,6 +72,12 @@ def add_arguments(parser) -> None:
     add("--height", type=int, help="image height in pixels (default: the model's)")
     add("--images-per-prompt", type=int, default=1, metavar="N", help="images per line (default 1)")
     add("--batch-size", type=int, default=1, metavar="N", help="images per forward pass (default 1)")
+    add(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="CPU processes that share each batch (default: 2 for a CPU batch of 2+ images on Linux, else 1)",
+    )
     add("--device", help="torch device, e.g. cpu, cuda:1 (default: cpu, or the rank's GPU)")
     add("--dtype", choices=sorted(DTYPES), help="weights and compute dtype (default float32)")
     add("--grid", action="store_true", help="also write a grid image per prompt line")
@@ -165,6 +171,7 @@ def run(args) -> int:
                         karras=batch[0].karras,
                         seed=[t.seed for t in batch],
                         progress=False,
+                        workers=args.workers,
                     )
                 except ValueError as e:  # settings this model cannot do (e.g. a size it cannot divide)
                     for t in wanted:
@@ -361,6 +368,7 @@ def _check_options(args) -> None:
             ("height", args.height, "--height"),
             ("images", args.images_per_prompt, "--images-per-prompt"),
             ("images", args.batch_size, "--batch-size"),
+            ("images", args.workers, "--workers"),
         ]:
             if value is not None:
                 value = check_value(field, value, name)
@@ -404,9 +412,17 @@ def _load_pipeline(args, state):
     except (OSError, ValueError) as e:  # ModelFolderError is a ValueError
         raise UserError(f"cannot load model: {e}") from None
     try:
-        return pipe.to(device=device, dtype=dtype)
+        pipe.to(device=device, dtype=dtype)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"cannot use --device {device}: {e}") from None
+    if args.workers is not None:
+        from latentdiff.workers import check_workers
+
+        try:
+            check_workers(args.workers, pipe.device, callback=None)
+        except ValueError as e:
+            raise UserError(f"--workers {args.workers}: {e}") from None
+    return pipe
 
 
 class _StopOnCtrlC:
