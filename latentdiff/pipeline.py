@@ -198,8 +198,9 @@ class LatentDiffusionPipeline:
     ) -> list[Image.Image]:
         """Images for `prompt`; `callback(i, t, x)` (if given) sees the latents after each step.
 
-        `workers`: CPU processes that share the batch (None: 2 for a CPU batch on Linux when torch has 2+
-        threads, else 1); each image is computed whole in one of them, so it does not change.
+        `workers`: CPU processes that share the batch, one torch thread each (None: one per torch thread for
+        a CPU batch on Linux with 2-4 threads, else 1); each image is made whole in one of them, so the
+        images do not change.
         """
         prompts = _as_prompt_list(prompt, "prompt")
         negatives = _negatives(negative_prompt, len(prompts))

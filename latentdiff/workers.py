@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-MAX_AUTO_WORKERS = 2  # measured on 2 cores; more processes for more cores is untested
+MAX_AUTO_THREADS = 4  # auto splits only up to this many threads: measured on 2 cores, bigger CPUs untested
 ERROR_BYTES = 4000  # a child's error text is cut to this: the pipe must never fill while nobody reads it
 
 # render(start, stop, progress) -> uint8 pixels (stop - start, H, W, 3) of images start..stop-1
@@ -42,7 +42,8 @@ def auto_workers(count: int, device: torch.device) -> int:
         return 1
     if not _alone():
         return 1  # another Python thread could hold a lock the forked child would wait on forever
-    return max(1, min(MAX_AUTO_WORKERS, count, torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    return min(count, threads) if threads <= MAX_AUTO_THREADS else 1
 
 
 def _alone() -> bool:
@@ -85,18 +86,17 @@ def render_split(render: Render, count: int, item_shape: tuple[int, ...], worker
     parts = slices(count, workers)
     out = _shared_array((count, *item_shape))
     threads = torch.get_num_threads()
-    per_child = max(1, threads // workers)
     children: dict[int, tuple[int, int, int]] = {}  # pid -> (error pipe, start, stop)
     redo: list[tuple[int, int, str]] = []  # slices this process computes after its own
     try:
         for start, stop in parts[1:]:
-            child = _fork(render, out, start, stop, per_child)
+            child = _fork(render, out, start, stop)
             if child is None:
                 redo.append((start, stop, "could not start a worker process (fork failed)"))
             else:
                 children[child[0]] = (child[1], start, stop)
         start, stop = parts[0]
-        with _num_threads(max(1, threads - per_child * len(children))):
+        with _num_threads(max(1, threads - len(children))):
             out[start:stop] = render(start, stop, progress)
         for pid in list(children):
             error_fd, start, stop = children.pop(pid)
@@ -121,7 +121,7 @@ def _shared_array(shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(buffer, dtype=np.uint8, count=size).reshape(shape)
 
 
-def _fork(render: Render, out: np.ndarray, start: int, stop: int, threads: int) -> tuple[int, int] | None:
+def _fork(render: Render, out: np.ndarray, start: int, stop: int) -> tuple[int, int] | None:
     """Start a child that writes images start..stop-1 into `out`; (pid, read end of its error pipe)."""
     read_fd, write_fd = os.pipe()
     try:
@@ -138,7 +138,9 @@ def _fork(render: Render, out: np.ndarray, start: int, stop: int, threads: int) 
         code = 0
         try:
             os.close(read_fd)
-            torch.set_num_threads(threads)
+            # One thread, always: GNU OpenMP's thread pool does not survive fork(), and a child that
+            # opens a parallel region with 2+ threads hangs (seen with torch's libgomp build).
+            torch.set_num_threads(1)
             out[start:stop] = render(start, stop, False)
         except BaseException as error:  # noqa: BLE001 - everything must reach the parent as text
             message = f"{type(error).__name__}: {error}".encode(errors="replace")[:ERROR_BYTES]

@@ -115,6 +115,10 @@ def test_auto_uses_two_processes_only_for_a_cpu_batch_in_a_lone_thread(monkeypat
         other.join()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert parallel.auto_workers(4, cpu) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert parallel.auto_workers(4, cpu) == 3 and parallel.auto_workers(2, cpu) == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert parallel.auto_workers(32, cpu) == 1  # a big CPU keeps its threads in one process: not measured
     monkeypatch.setattr(parallel.sys, "platform", "darwin")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert parallel.auto_workers(4, cpu) == 1
@@ -140,3 +144,30 @@ def test_pipeline_rejects_workers_it_cannot_use(pipe, monkeypatch):
     monkeypatch.setattr(parallel.sys, "platform", "darwin")
     with pytest.raises(ValueError, match="only on Linux .*darwin.*use workers=1"):
         pipe(["a", "b"], workers=2, **common)
+
+
+CHILD_WITH_THREADS = """
+import torch
+from latentdiff.workers import render_split
+torch.set_num_threads(4)
+a = torch.randn(256, 256)
+(a @ a).sum()  # the parent's OpenMP pool now exists: a child that used 2+ threads would hang
+
+
+def render(start, stop, show):
+    b = torch.randn(512, 512)
+    return (b @ b).abs().clamp(0, 255).flatten()[: (stop - start) * 12].to(torch.uint8).numpy().reshape(-1, 2, 3, 2)
+
+
+out = render_split(render, 4, (2, 3, 2), 2, progress=False)
+print("done", out.shape, torch.get_num_threads())
+"""
+
+
+def test_a_parent_with_many_threads_forks_workers_that_finish():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", CHILD_WITH_THREADS], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["done", "(4,", "2,", "3,", "2)", "4"]  # and the parent's threads are restored

@@ -76,7 +76,8 @@ def add_arguments(parser) -> None:
         "--workers",
         type=int,
         metavar="N",
-        help="CPU processes that share each batch (default: 2 for a CPU batch of 2+ images on Linux, else 1)",
+        help="CPU processes that share each batch, one thread each (default: one per torch thread, on Linux "
+        "with 2-4 threads, else 1)",
     )
     add("--device", help="torch device, e.g. cpu, cuda:1 (default: cpu, or the rank's GPU)")
     add("--dtype", choices=sorted(DTYPES), help="weights and compute dtype (default float32)")
