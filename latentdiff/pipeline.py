@@ -12,6 +12,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from latentdiff import __version__, folders
+from latentdiff import pair as pairing
 from latentdiff import workers as parallel
 from latentdiff.attention import inference_cache
 from latentdiff.clip import CLIPTextEncoder, CLIPTextSettings
@@ -198,9 +199,9 @@ class LatentDiffusionPipeline:
     ) -> list[Image.Image]:
         """Images for `prompt`; `callback(i, t, x)` (if given) sees the latents after each step.
 
-        `workers`: CPU processes that share the batch, one torch thread each (None: one per torch thread for
-        a CPU batch on Linux with 2-4 threads, else 1); each image is made whole in one of them, so the
-        images do not change.
+        `workers`: CPU processes, one torch thread each: a batch is cut across them, a single guided image
+        runs its unconditional and conditional U-Net rows in two (None: one per torch thread on Linux with
+        2-4 threads, 2 exactly for a single image; else 1). The images do not change.
         """
         prompts = _as_prompt_list(prompt, "prompt")
         negatives = _negatives(negative_prompt, len(prompts))
@@ -226,18 +227,26 @@ class LatentDiffusionPipeline:
         context = self.encode(image_prompts, clip_skip)
         uncond = self.encode(image_negatives, clip_skip) if guidance_scale > 1.0 else None
 
-        def render(start: int, stop: int, show: bool) -> np.ndarray:
+        def render(start: int, stop: int, show: bool, pair: bool = False) -> np.ndarray:
             schedule = make_sampler(sampler_name, self.scheduler_config, karras=karras, **options)
             schedule.set_timesteps(steps)
             part = context[start:stop] if uncond is None else torch.cat([uncond[start:stop], context[start:stop]])
-            x = self._denoise(schedule, part, seeds[start:stop], height, width, guidance_scale, show, callback)
+            x = self._denoise(schedule, part, seeds[start:stop], height, width, guidance_scale, show, callback, pair)
             return self._pixels(x)
 
-        # 3. The images, in one process or (CPU batches) cut across several: each image is the same.
-        count = len(image_prompts)
-        workers = parallel.auto_workers(count, self.device) if workers is None else min(workers, count)
-        if workers > 1:
-            pixels = parallel.render_split(render, count, (height, width, 3), workers, progress)
+        # 3. The images, in one process or on the CPU across several: a batch is cut into slices, one
+        #    guided image runs its two U-Net rows apart; either way each image comes out the same.
+        count, guided = len(image_prompts), uncond is not None
+        if workers is None:
+            workers = 1 if callback is not None else parallel.auto_workers(count, self.device, guided)
+        if workers > 1 and count == 1 and guided:
+            try:
+                pixels = render(0, 1, progress, pair=True)
+            except pairing.PartnerLost as error:
+                pairing.warn_restart(error)
+                pixels = render(0, 1, progress)
+        elif min(workers, count) > 1:
+            pixels = parallel.render_split(render, count, (height, width, 3), min(workers, count), progress)
         else:
             pixels = render(0, count, progress)
         images = [Image.fromarray(a) for a in pixels]
@@ -262,33 +271,45 @@ class LatentDiffusionPipeline:
         ]
         return [attach(image, record) for image, record in zip(images, records)]
 
-    def _denoise(self, schedule, context, seeds, height, width, guidance_scale, progress, callback) -> torch.Tensor:
-        """Latents for len(seeds) images; `context` holds the unconditional rows first when guided."""
+    def _denoise(self, schedule, context, seeds, height, width, guidance_scale, progress, callback, pair=False):
+        """Latents for len(seeds) images; `context` holds the unconditional rows first when guided. `pair`:
+        the two rows run in two processes (pair.py)."""
         # Initial noise per image from its own CPU generator: independent of batch size and device.
         shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        x = torch.cat([torch.randn(shape, generator=g) for g in generators])
-        x = (x * schedule.init_noise_sigma).to(self.device, self.dtype)
-
-        # Reverse diffusion, with classifier-free guidance (Ho & Salimans 2022). The weights and the
-        # context are fixed for the call: fused attention weights and the context's k, v are made once.
-        # Both halves share x, so the U-Net runs its layers before the first cross-attention once.
+        x_start = torch.cat([torch.randn(shape, generator=g) for g in generators])
+        x_start = (x_start * schedule.init_noise_sigma).to(self.device, self.dtype)
         guided = guidance_scale > 1.0
-        with inference_cache(self.unet):
+
+        def loop(role: int, exchange) -> torch.Tensor:
+            # Reverse diffusion, with classifier-free guidance (Ho & Salimans 2022). The weights and the
+            # context are fixed for the call: fused attention weights and the context's k, v are made once.
+            # Both halves share x, so the U-Net runs its layers before the first cross-attention once.
+            x, n = x_start, len(seeds)
+            rows = context[:n] if role == pairing.PARENT else context[n:]  # one tensor: k, v cached on it
             # No tqdm at all without a bar: even a disabled one takes tqdm's lock, which a forked worker
-            # (see workers.py) may have inherited held by the parent's tqdm monitor thread.
-            timesteps = tqdm(schedule.timesteps, desc="denoising", leave=False) if progress else schedule.timesteps
-            for i, t in enumerate(timesteps):
-                model_in = schedule.scale_model_input(x, t)
-                if guided:
-                    out_uncond, out_cond = self.unet(model_in, t, context, sample_repeats=2).chunk(2)
-                    model_output = out_uncond + guidance_scale * (out_cond - out_uncond)
-                else:
-                    model_output = self.unet(model_in, t, context)
-                x = schedule.step(model_output, t, x, generators=generators)
-                if callback is not None:
-                    callback(i, t, x)
-        return x
+            # (workers.py, pair.py) may have inherited held by the parent's tqdm monitor thread.
+            bar = progress and role == pairing.PARENT
+            timesteps = tqdm(schedule.timesteps, desc="denoising", leave=False) if bar else schedule.timesteps
+            with inference_cache(self.unet):
+                for i, t in enumerate(timesteps):
+                    model_in = schedule.scale_model_input(x, t)
+                    if exchange is not None:
+                        out_uncond, out_cond = exchange(self.unet(model_in, t, rows), i)
+                    elif guided:
+                        out_uncond, out_cond = self.unet(model_in, t, context, sample_repeats=2).chunk(2)
+                    if guided:
+                        model_output = out_uncond + guidance_scale * (out_cond - out_uncond)
+                    else:
+                        model_output = self.unet(model_in, t, context)
+                    x = schedule.step(model_output, t, x, generators=generators)
+                    if callback is not None and role == pairing.PARENT:
+                        callback(i, t, x)
+            return x
+
+        if pair:
+            return pairing.run_pair(loop, tuple(x_start.shape), self.dtype)
+        return loop(pairing.PARENT, None)
 
     def decode_latents(self, x: torch.Tensor) -> list[Image.Image]:
         return [Image.fromarray(a) for a in self._pixels(x)]

@@ -36,17 +36,17 @@ def can_fork() -> bool:
     return sys.platform == "linux" and hasattr(os, "fork")
 
 
-def auto_workers(count: int, device: torch.device) -> int:
+def auto_workers(count: int, device: torch.device, guided: bool) -> int:
     """How many processes a call with `count` images uses when the caller does not say."""
-    if count < 2 or device.type != "cpu" or not can_fork():
-        return 1
-    if not _alone():
-        return 1  # another Python thread could hold a lock the forked child would wait on forever
+    if device.type != "cpu" or not can_fork() or not alone():
+        return 1  # alone(): another Python thread could hold a lock the forked child would wait on forever
     threads = torch.get_num_threads()
+    if count == 1:  # the guidance rows in two processes (pair.py); a parent with 2+ threads would wait
+        return 2 if guided and threads == 2 else 1  # every step for its one-thread child
     return min(count, threads) if threads <= MAX_AUTO_THREADS else 1
 
 
-def _alone() -> bool:
+def alone() -> bool:
     """Called from the main thread, with no other Python thread but tqdm's monitor, whose only lock
     (tqdm's) the child never takes: it makes no progress bar."""
     from tqdm._monitor import TMonitor
@@ -96,7 +96,7 @@ def render_split(render: Render, count: int, item_shape: tuple[int, ...], worker
             else:
                 children[child[0]] = (child[1], start, stop)
         start, stop = parts[0]
-        with _num_threads(max(1, threads - len(children))):
+        with num_threads(max(1, threads - len(children))):
             out[start:stop] = render(start, stop, progress)
         for pid in list(children):
             error_fd, start, stop = children.pop(pid)
@@ -125,11 +125,7 @@ def _fork(render: Render, out: np.ndarray, start: int, stop: int) -> tuple[int, 
     """Start a child that writes images start..stop-1 into `out`; (pid, read end of its error pipe)."""
     read_fd, write_fd = os.pipe()
     try:
-        with warnings.catch_warnings():
-            # Python 3.12+ warns on fork() in a process with OS threads; ours are torch's idle OpenMP
-            # workers, which hold no lock the child needs, and the child runs single-threaded.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
+        pid = fork()
     except OSError:
         os.close(read_fd)
         os.close(write_fd)
@@ -153,6 +149,14 @@ def _fork(render: Render, out: np.ndarray, start: int, stop: int) -> tuple[int, 
     return pid, read_fd
 
 
+def fork() -> int:
+    with warnings.catch_warnings():
+        # Python 3.12+ warns on fork() in a process with OS threads; ours are torch's idle OpenMP
+        # workers, which hold no lock the child needs, and the child runs single-threaded.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
 def _wait(pid: int, error_fd: int) -> str | None:
     """Reap the child; None when it succeeded, else what went wrong."""
     _, status = os.waitpid(pid, 0)
@@ -168,7 +172,7 @@ def _wait(pid: int, error_fd: int) -> str | None:
 
 
 @contextlib.contextmanager
-def _num_threads(n: int):
+def num_threads(n: int):
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -75,22 +75,14 @@ def test_a_refused_fork_is_done_here_with_a_warning(monkeypatch):
     assert [int(image[0, 0, 0]) for image in out] == list(range(4))
 
 
-def test_an_interrupt_leaves_no_worker_behind(monkeypatch):
-    started = []
-    real_fork = os.fork
-
-    def recording_fork():
-        pid = real_fork()
-        if pid:
-            started.append(pid)
-        return pid
+def test_an_interrupt_leaves_no_worker_behind(forked_pids):
+    started = forked_pids
 
     def render(start, stop, show):
         if os.getpid() != PARENT:
             time.sleep(60)  # a worker still busy when the parent is interrupted
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(parallel.os, "fork", recording_fork)
     began = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         parallel.render_split(render, 4, SHAPE, 2, progress=False)
@@ -102,26 +94,28 @@ def test_an_interrupt_leaves_no_worker_behind(monkeypatch):
 def test_auto_uses_two_processes_only_for_a_cpu_batch_in_a_lone_thread(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     cpu = torch.device("cpu")
-    assert parallel.auto_workers(4, cpu) == 2
-    assert parallel.auto_workers(1, cpu) == 1
-    assert parallel.auto_workers(4, torch.device("cuda")) == 1
+    assert parallel.auto_workers(4, cpu, True) == 2
+    assert parallel.auto_workers(1, cpu, True) == 2  # one guided image: its two U-Net rows (pair.py)
+    assert parallel.auto_workers(1, cpu, False) == 1
+    assert parallel.auto_workers(4, torch.device("cuda"), True) == 1
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)
     other.start()
     try:
-        assert parallel.auto_workers(4, cpu) == 1  # a user's thread might hold a lock the child needs
+        assert parallel.auto_workers(4, cpu, True) == 1  # a user's thread might hold a lock the child needs
     finally:
         stop.set()
         other.join()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert parallel.auto_workers(4, cpu) == 1
+    assert parallel.auto_workers(4, cpu, True) == 1
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    assert parallel.auto_workers(4, cpu) == 3 and parallel.auto_workers(2, cpu) == 2
+    assert parallel.auto_workers(4, cpu, True) == 3 and parallel.auto_workers(2, cpu, True) == 2
+    assert parallel.auto_workers(1, cpu, True) == 1  # the pair's parent would wait for its 1-thread child
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
-    assert parallel.auto_workers(32, cpu) == 1  # a big CPU keeps its threads in one process: not measured
+    assert parallel.auto_workers(32, cpu, True) == 1  # a big CPU keeps its threads in one process: not measured
     monkeypatch.setattr(parallel.sys, "platform", "darwin")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert parallel.auto_workers(4, cpu) == 1
+    assert parallel.auto_workers(4, cpu, True) == 1
 
 
 @pytest.mark.parametrize("workers", [2, 3])
