@@ -1,10 +1,11 @@
 """latentdiff alone: a batch with the bundled model's stored defaults, cut across worker processes or not.
 
-    python benchmarks/workers.py                     # batches of 8 and 32, 4 alternating rounds
+    python benchmarks/workers.py                     # 1 image (pair.py), batches of 8 and 32; 4 rounds
     python benchmarks/workers.py --images 8 --repeats 8
 
-`workers=None` is the default (one worker process per torch thread on Linux with 2-4 threads), `workers=1`
-one process with torch's threads. Prints medians and the largest pixel difference between the two.
+`workers=None` is the default (one worker process per torch thread on Linux with 2-4 threads; one image:
+its two guidance rows in two processes), `workers=1` one process with torch's threads. Prints medians
+and the largest pixel difference between the two.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ PROMPTS = [
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", default="8,32", help="batch sizes, comma-separated (multiples of 4)")
+    parser.add_argument("--images", default="1,8,32", help="batch sizes, comma-separated")
     parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args(argv)
 
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     pipe = LatentDiffusionPipeline.from_pretrained()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, defaults {pipe.defaults}")
     for count in (int(c) for c in args.images.split(",")):
-        prompts = PROMPTS * (count // len(PROMPTS))
+        prompts = (PROMPTS * count)[:count]
 
         def call(workers, prompts=prompts):
             return pipe(prompts, seed=0, progress=False, workers=workers)

@@ -201,7 +201,8 @@ class LatentDiffusionPipeline:
 
         `workers`: CPU processes, one torch thread each: a batch is cut across them, a single guided image
         runs its unconditional and conditional U-Net rows in two (None: one per torch thread on Linux with
-        2-4 threads, 2 exactly for a single image; else 1). The images do not change.
+        2-4 threads, 2 exactly for a single image, for U-Nets up to 50M parameters; else 1). The images do
+        not change.
         """
         prompts = _as_prompt_list(prompt, "prompt")
         negatives = _negatives(negative_prompt, len(prompts))
@@ -238,7 +239,8 @@ class LatentDiffusionPipeline:
         #    guided image runs its two U-Net rows apart; either way each image comes out the same.
         count, guided = len(image_prompts), uncond is not None
         if workers is None:
-            workers = 1 if callback is not None else parallel.auto_workers(count, self.device, guided)
+            size = sum(p.numel() for p in self.unet.parameters())
+            workers = 1 if callback is not None else parallel.auto_workers(count, self.device, guided, size)
         if workers > 1 and count == 1 and guided:
             try:
                 pixels = render(0, 1, progress, pair=True)

@@ -17,6 +17,7 @@ SIZE = 32
 SHAPE = (2, 3, 3)  # the pixels of one fake image in the render_split tests
 HERE, ELSEWHERE = 1, 2  # what fake_render writes in an image's last value: made by this process or not
 PARENT = os.getpid()
+SMALL = 4_000_000  # U-Net parameters, about the bundled model's
 
 
 @pytest.fixture(scope="module")
@@ -94,28 +95,30 @@ def test_an_interrupt_leaves_no_worker_behind(forked_pids):
 def test_auto_uses_two_processes_only_for_a_cpu_batch_in_a_lone_thread(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     cpu = torch.device("cpu")
-    assert parallel.auto_workers(4, cpu, True) == 2
-    assert parallel.auto_workers(1, cpu, True) == 2  # one guided image: its two U-Net rows (pair.py)
-    assert parallel.auto_workers(1, cpu, False) == 1
-    assert parallel.auto_workers(4, torch.device("cuda"), True) == 1
+    assert parallel.auto_workers(4, cpu, True, SMALL) == 2
+    assert parallel.auto_workers(1, cpu, True, SMALL) == 2  # one guided image: its two U-Net rows (pair.py)
+    assert parallel.auto_workers(1, cpu, False, SMALL) == 1
+    assert parallel.auto_workers(4, torch.device("cuda"), True, SMALL) == 1
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)
     other.start()
     try:
-        assert parallel.auto_workers(4, cpu, True) == 1  # a user's thread might hold a lock the child needs
+        assert parallel.auto_workers(4, cpu, True, SMALL) == 1  # a user's thread might hold a lock the child needs
     finally:
         stop.set()
         other.join()
+    assert parallel.auto_workers(4, cpu, True, 860_000_000) == 1  # SD1.5-size: threads do better
+    assert parallel.auto_workers(1, cpu, True, 860_000_000) == 1
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert parallel.auto_workers(4, cpu, True) == 1
+    assert parallel.auto_workers(4, cpu, True, SMALL) == 1
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    assert parallel.auto_workers(4, cpu, True) == 3 and parallel.auto_workers(2, cpu, True) == 2
-    assert parallel.auto_workers(1, cpu, True) == 1  # the pair's parent would wait for its 1-thread child
+    assert parallel.auto_workers(4, cpu, True, SMALL) == 3 and parallel.auto_workers(2, cpu, True, SMALL) == 2
+    assert parallel.auto_workers(1, cpu, True, SMALL) == 1  # the pair's parent would wait for its 1-thread child
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
-    assert parallel.auto_workers(32, cpu, True) == 1  # a big CPU keeps its threads in one process: not measured
+    assert parallel.auto_workers(32, cpu, True, SMALL) == 1  # a big CPU keeps its threads in one process: not measured
     monkeypatch.setattr(parallel.sys, "platform", "darwin")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert parallel.auto_workers(4, cpu, True) == 1
+    assert parallel.auto_workers(4, cpu, True, SMALL) == 1
 
 
 @pytest.mark.parametrize("workers", [2, 3])
