@@ -51,14 +51,6 @@ class Exchange:
         return slot[0], slot[1]
 
 
-def auto_pair(count: int, guided: bool, device: torch.device) -> bool:
-    """Whether a call with `count` images runs its guidance rows in two processes when not told."""
-    if count != 1 or not guided or device.type != "cpu" or not workers.can_fork():
-        return False
-    # Exactly two threads: the child always runs one, and a parent with more would wait for it every step.
-    return torch.get_num_threads() == 2 and workers.alone()
-
-
 def run_pair(loop: Callable[[int, Exchange], torch.Tensor], row_shape: tuple[int, ...], dtype) -> torch.Tensor:
     """`loop(role, exchange)` here (PARENT) and in a forked child (CHILD); the parent's result.
 

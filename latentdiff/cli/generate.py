@@ -76,8 +76,8 @@ def add_arguments(parser) -> None:
         "--workers",
         type=int,
         metavar="N",
-        help="CPU processes that share each batch, one thread each (default: one per torch thread, on Linux "
-        "with 2-4 threads, else 1)",
+        help="CPU processes, one thread each, that share each batch (one image: its two guidance rows) "
+        "(default: one per torch thread on Linux with 2-4 threads for U-Nets up to 50M parameters, else 1)",
     )
     add("--device", help="torch device, e.g. cpu, cuda:1 (default: cpu, or the rank's GPU)")
     add("--dtype", choices=sorted(DTYPES), help="weights and compute dtype (default float32)")
