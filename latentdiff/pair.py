@@ -61,24 +61,14 @@ def run_pair(loop: Callable[[int, Exchange], torch.Tensor], row_shape: tuple[int
     slots = torch.frombuffer(buffer, dtype=dtype, count=numel).view(2, 2, *row_shape)
     to_child, from_parent = _pipe()
     to_parent, from_child = _pipe()
-    try:
-        pid = workers.fork()
+    try:  # the child computes its rows; when it fails, the parent sees the closed pipe and starts again alone
+        pid = workers.start_child(
+            lambda: loop(CHILD, Exchange(CHILD, slots, to_parent, from_parent)), close=(to_child, from_child)
+        )
     except OSError as error:
         for fd in (to_child, from_parent, to_parent, from_child):
             os.close(fd)
         raise PartnerLost(f"could not start a worker process ({error})") from None
-    if pid == 0:  # the child: its rows, then leave without running the parent's exit handlers
-        code = 1
-        try:
-            os.close(to_child)
-            os.close(from_child)
-            torch.set_num_threads(1)  # see workers._fork: more threads hang after a fork
-            loop(CHILD, Exchange(CHILD, slots, to_parent, from_parent))
-            code = 0
-        except BaseException:  # noqa: BLE001 - the parent sees the closed pipe and starts again alone
-            pass
-        finally:
-            os._exit(code)
     os.close(from_parent)
     os.close(to_parent)
     try:

@@ -129,29 +129,42 @@ def _shared_array(shape: tuple[int, ...]) -> np.ndarray:
 def _fork(render: Render, out: np.ndarray, start: int, stop: int) -> tuple[int, int] | None:
     """Start a child that writes images start..stop-1 into `out`; (pid, read end of its error pipe)."""
     read_fd, write_fd = os.pipe()
+
+    def body() -> None:
+        out[start:stop] = render(start, stop, False)
+
     try:
-        pid = fork()
+        pid = start_child(body, close=(read_fd,), error_fd=write_fd)
     except OSError:
         os.close(read_fd)
         os.close(write_fd)
         return None
-    if pid == 0:  # the child: compute, write, leave without running the parent's exit handlers
-        code = 0
-        try:
-            os.close(read_fd)
-            # One thread, always: GNU OpenMP's thread pool does not survive fork(), and a child that
-            # opens a parallel region with 2+ threads hangs (seen with torch's libgomp build).
-            torch.set_num_threads(1)
-            out[start:stop] = render(start, stop, False)
-        except BaseException as error:  # noqa: BLE001 - everything must reach the parent as text
-            message = f"{type(error).__name__}: {error}".encode(errors="replace")[:ERROR_BYTES]
-            with contextlib.suppress(OSError):
-                os.write(write_fd, message)
-            code = 1
-        finally:
-            os._exit(code)
     os.close(write_fd)
     return pid, read_fd
+
+
+def start_child(body: Callable[[], object], close: tuple[int, ...], error_fd: int | None = None) -> int:
+    """Fork a child that closes `close`, runs `body` on one thread and exits (0, or 1 after writing what
+    went wrong to `error_fd`); the child's pid. Raises OSError when the fork is refused."""
+    pid = fork()
+    if pid:
+        return pid
+    code = 1  # the child from here on: it leaves without running the parent's exit handlers
+    try:
+        for fd in close:
+            os.close(fd)
+        # One thread, always: GNU OpenMP's thread pool does not survive fork(), and a child that
+        # opens a parallel region with 2+ threads hangs (seen with torch's libgomp build).
+        torch.set_num_threads(1)
+        body()
+        code = 0
+    except BaseException as error:  # noqa: BLE001 - everything must reach the parent, as text or exit code
+        if error_fd is not None:
+            message = f"{type(error).__name__}: {error}".encode(errors="replace")[:ERROR_BYTES]
+            with contextlib.suppress(OSError):
+                os.write(error_fd, message)
+    finally:
+        os._exit(code)
 
 
 def fork() -> int:
