@@ -17,6 +17,7 @@ from torch import nn
 
 from latentdiff.attention import Checkpointed, SpatialTransformer, repeat_batch, set_gradient_checkpointing
 from latentdiff.config import UnsupportedConfigError, from_config_dict, to_config_dict
+from latentdiff.conv_gemm import conv3x3
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -185,7 +186,7 @@ class ResBlock(Checkpointed):
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def _forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(self.act(self.norm1(x)))
+        h = conv3x3(self.conv1, self.act(self.norm1(x)))
         if temb is not None:
             temb = self.time_emb_proj(self.act(temb))[:, :, None, None]
         if temb is not None and self.time_scale_shift == "scale_shift":
@@ -193,7 +194,7 @@ class ResBlock(Checkpointed):
             h = self.norm2(h) * (1 + scale) + shift
         else:
             h = self.norm2(h if temb is None else _add(h, temb))
-        h = self.conv2(self.dropout(self.act(h)))
+        h = conv3x3(self.conv2, self.dropout(self.act(h)))
         if hasattr(self, "conv_shortcut"):
             x = self.conv_shortcut(x)
         h = _add(h, x)  # h is a fresh conv output: added to in place when no gradient needs it
@@ -235,7 +236,7 @@ class Upsample(nn.Module):
         if doubling and plain and big and x.device.type == "cpu":
             return upsample_conv(x, self.conv.weight, self.conv.bias)
         x = F.interpolate(x, size=size, mode="nearest") if size else F.interpolate(x, scale_factor=2.0)
-        return self.conv(x)
+        return conv3x3(self.conv, x)
 
 
 # Which input pixels each output pixel of conv3x3(nearest_x2(x)) reads: output row 2i + a (phase a) sees

@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from latentdiff import conv_gemm
 from latentdiff import unet as unet_module
 from latentdiff.config import UnsupportedConfigError
 from latentdiff.testing.tiny import SD1_UNET, SD2_UNET, jitter
@@ -91,6 +92,20 @@ def test_matches_diffusers_with_phase_upsampling(pair, monkeypatch):
     t = torch.tensor([3, 871])
     with torch.no_grad():
         assert relative_error(ours(x, t, ctx), ref(x, t, ctx).sample) <= TOL
+
+
+def test_matches_diffusers_with_gemm_convs(pair, monkeypatch):
+    """The im2col convolution (used for >= 1024 input channels, i.e. not at these tiny sizes) forced on."""
+    monkeypatch.setattr(conv_gemm, "GEMM_MIN_IN_CHANNELS", 0)
+    monkeypatch.setattr(conv_gemm, "GEMM_MAX_PIXELS", 10**6)
+    used = []
+    monkeypatch.setattr(conv_gemm, "gemm_conv", lambda *a, real=conv_gemm.gemm_conv: used.append(1) or real(*a))
+    ref, ours, size = pair
+    x, ctx = inputs(ref, size, seed=6)
+    t = torch.tensor([3, 871])
+    with torch.no_grad():
+        assert relative_error(ours(x, t, ctx), ref(x, t, ctx).sample) <= TOL
+    assert len(used) >= 2 * len(ref.config.block_out_channels)  # every resnet's convs went that way
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 5, 7), (1, 4, 1, 1), (3, 6, 16, 16)])
