@@ -217,7 +217,7 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:
             x = F.pad(x, (0, 1, 0, 1))
-        return self.conv(x)
+        return conv3x3(self.conv, x)
 
 
 class Upsample(nn.Module):

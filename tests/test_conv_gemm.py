@@ -17,14 +17,16 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 16, 1, 1), (3, 24, 4, 4)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_equals_conv2d(shape, bias):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_equals_conv2d(shape, bias, stride):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g)
-    layer = nn.Conv2d(shape[1], 6, 3, padding=1, bias=bias)
+    layer = nn.Conv2d(shape[1], 6, 3, padding=1, bias=bias, stride=stride)
     with torch.no_grad():
-        got = gemm_conv(x, layer.weight, layer.bias)
-        assert got.shape == (shape[0], 6, *shape[2:]) and got.is_contiguous()
-        assert relative_error(got, layer(x)) <= 1e-5
+        expected = layer(x)
+        got = gemm_conv(x, layer.weight, layer.bias, stride)
+        assert got.shape == expected.shape and got.is_contiguous()
+        assert relative_error(got, expected) <= 1e-5
 
 
 def test_used_where_it_pays_and_nowhere_else():
@@ -34,7 +36,10 @@ def test_used_where_it_pays_and_nowhere_else():
         assert use_gemm(big, x)
         assert not use_gemm(big, torch.zeros(2, 1024, 16, 8))  # a bigger picture: the direct conv is faster
         assert not use_gemm(nn.Conv2d(512, 8, 3, padding=1), torch.zeros(2, 512, 8, 8))  # fewer channels
-        assert not use_gemm(nn.Conv2d(1024, 8, 3, padding=1, stride=2), x)
+        downsample = nn.Conv2d(1024, 8, 3, padding=1, stride=2)
+        assert use_gemm(downsample, torch.zeros(2, 1024, 16, 15))  # 8x8 output pixels
+        assert not use_gemm(downsample, torch.zeros(2, 1024, 16, 17))  # 8x9
+        assert not use_gemm(nn.Conv2d(1024, 8, 3, padding=1, stride=3), x)
         assert not use_gemm(nn.Conv2d(1024, 8, 1), x)
         assert not use_gemm(big.double(), x.double())
         hooked = nn.Conv2d(1024, 8, 3, padding=1)
