@@ -1,15 +1,16 @@
-"""3x3 convolutions as one matrix product (im2col) where torch's CPU convolution is slow.
+"""3x3 convolutions as unfold + a matrix product where torch's CPU convolution is slow.
 
 oneDNN's direct convolution, which torch runs for fp32 on the CPU, reaches only 30-90 GFLOP/s on a 2-core
 CPU for layers with many input channels on a small picture, the lowest levels of an SD-size U-Net (1280 or
-more channels at 8x8 and 4x4 latents; 10 GFLOP/s for its stride-2 downsampler to 4x4), against ~200
+more channels at 8x8 and 4x4 latents; 10-25 GFLOP/s for its stride-2 downsampler to 4x4), against ~200
 GFLOP/s on bigger pictures. There the same sum as a matrix product over the unfolded 3x3 neighbourhoods is
-1.4-4.6x faster (BENCHMARKS.md, session 17); on
-bigger pictures or fewer channels the direct convolution is faster, so nothing else changes.
+1.4-4.6x faster (BENCHMARKS.md, session 17); on bigger pictures or fewer channels the direct convolution
+is faster, so nothing else changes.
 
-The results differ from the direct convolution by rounding only (relative ~5e-7). The pixels of all images
-get a matrix product each, of the same shape whatever the batch, and the choice depends on the layer and
-one image's size, never on the batch: an image is the same in any batch.
+The results differ from the direct convolution by rounding only (relative ~5e-7). Each image gets its own
+product, of the same shape whatever the batch, and the choice depends on the layer and one image's size,
+never on the batch, so this layer gives an image the same bits in any batch (oneDNN's convolutions do not
+promise that: see the README).
 """
 
 from __future__ import annotations
