@@ -109,9 +109,15 @@ def inference_cache(*models: nn.Module):
 FUSE_MAX_BYTES = 1 << 20
 
 
+def plain(layer: nn.Module, kind: type[nn.Module]) -> bool:
+    """True if `layer` is exactly a `kind` (not a LoRA wrapper or other subclass) with no forward hooks, so
+    its forward may be replaced by the same arithmetic done another way."""
+    return type(layer) is kind and not (layer._forward_hooks or layer._forward_pre_hooks)
+
+
 def _plain(*layers: nn.Module) -> bool:
-    """True if every layer is an nn.Linear whose forward may be replaced by a matmul (not LoRA, no hooks)."""
-    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in layers)
+    """True if every layer is a plain nn.Linear (see `plain`)."""
+    return all(plain(m, nn.Linear) for m in layers)
 
 
 def _fusable(*layers: nn.Module) -> bool:

@@ -19,14 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentdiff.attention import plain
+
 GEMM_MIN_IN_CHANNELS, GEMM_MAX_PIXELS = 1024, 64
 
 
 def use_gemm(layer: nn.Module, x: torch.Tensor) -> bool:
     """True where `layer(x)` is better run by `gemm_conv`: a plain 3x3 conv (padding 1, stride 1 or 2) at
     CPU fp32 inference with many input channels and at most GEMM_MAX_PIXELS output pixels per image."""
-    plain = type(layer) is nn.Conv2d and not (layer._forward_hooks or layer._forward_pre_hooks)
-    if not plain or torch.is_grad_enabled() or x.device.type != "cpu" or x.dim() != 4:
+    if not plain(layer, nn.Conv2d) or torch.is_grad_enabled() or x.device.type != "cpu" or x.dim() != 4:
         return False  # LoRA-wrapped or hooked layers, and anything autograd records, run as they are
     geometry = (layer.kernel_size, layer.padding, layer.dilation)
     if geometry != ((3, 3), (1, 1), (1, 1)) or layer.stride not in ((1, 1), (2, 2)) or layer.groups != 1:
