@@ -97,6 +97,12 @@ def compare(label: str, fns: dict, repeats: int, **extra) -> dict:
         runs=repeats,
         **extra,
     )
+    # Both sides of a round run back to back, so a round's own ratio cancels the drift of this machine's
+    # speed (15 % within minutes, session 18); their median and spread say how far the headline holds.
+    paired = sorted(t / o for o, t in zip(ours["times"], theirs["times"]))
+    if paired:
+        out["paired_ratio"] = float(np.median(paired))
+        out["paired_range"] = f"{paired[0]:.2f}-{paired[-1]:.2f}"
     a, b = ours["result"], theirs["result"]
     if isinstance(a, list):
         out["max_px_diff"] = max_pixel_diff(a, b)
