@@ -59,10 +59,14 @@ def save_png(image: Image.Image, path: str | Path, record: dict[str, Any] | None
     return path
 
 
+def read_record(image: Image.Image) -> dict[str, Any]:
+    """The JSON record an image carries (from the pipeline, or read from a PNG); {} when it has none."""
+    record = image.info.get(RECORD_KEY)
+    return json.loads(record) if record else {}
+
+
 def read_png_metadata(path: str | Path) -> tuple[str | None, dict[str, Any] | None]:
     """(parameters text, JSON record) of a PNG; None for what it does not carry."""
     with Image.open(path) as im:
         im.load()
-        text = im.info.get("parameters")
-        record = im.info.get(RECORD_KEY)
-    return text, (json.loads(record) if record else None)
+        return im.info.get("parameters"), read_record(im) or None

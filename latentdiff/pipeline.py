@@ -241,16 +241,18 @@ class LatentDiffusionPipeline:
         if workers is None:
             size = sum(p.numel() for p in self.unet.parameters())
             workers = 1 if callback is not None else parallel.auto_workers(count, self.device, guided, size)
+        threads = torch.get_num_threads()
         if workers > 1 and count == 1 and guided:
             try:
-                pixels = render(0, 1, progress, pair=True)
+                pixels, processes = render(0, 1, progress, pair=True), 2
             except pairing.PartnerLost as error:
                 pairing.warn_restart(error)
-                pixels = render(0, 1, progress)
+                pixels, processes = render(0, 1, progress), 1
         elif min(workers, count) > 1:
-            pixels = parallel.render_split(render, count, (height, width, 3), min(workers, count), progress)
+            processes = min(workers, count)
+            pixels = parallel.render_split(render, count, (height, width, 3), processes, progress)
         else:
-            pixels = render(0, count, progress)
+            pixels, processes = render(0, count, progress), 1
         images = [Image.fromarray(a) for a in pixels]
         records = [
             {
@@ -268,8 +270,15 @@ class LatentDiffusionPipeline:
                 "model": self.model_name,
                 "model_hash": self.model_hash,
                 "latentdiff_version": __version__,
+                # How the batch was computed: the last bits of an image depend on the shape of the work
+                # it was part of (CPU kernels pick their algorithm by batch size and threads), not on the
+                # other images, so `latentdiff reproduce` repeats that shape to get the same pixels.
+                "batch_size": count,
+                "batch_index": k,
+                "workers": processes,
+                "threads": threads,
             }
-            for p, neg, s in zip(image_prompts, image_negatives, seeds)
+            for k, (p, neg, s) in enumerate(zip(image_prompts, image_negatives, seeds))
         ]
         return [attach(image, record) for image, record in zip(images, records)]
 

@@ -294,6 +294,56 @@ def test_reproduce_match_and_mismatch(model, tmp_path, capsys):
     assert "has no latentdiff metadata" in capsys.readouterr().err
 
 
+def test_reproduce_repeats_the_batch_an_image_was_made_in(model, tmp_path, capsys, monkeypatch):
+    """CPU kernels pick their algorithm by batch size and threads, so an image is made again as it was made:
+    in a batch of the recorded size (copies of it), cut across the recorded processes, on the same threads."""
+    import torch
+
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    out = tmp_path / "out"
+    prompts = ["-p", "a star", "-p", "a moon", "-p", "a sun"]
+    assert generate(*prompts, "--batch-size", "3", "--workers", "2", "--model", model, "--out", out, *FAST) == 0
+    files = [out / r["file"] for r in manifest(out)]
+    keys = ("batch_size", "batch_index", "workers", "threads")
+    shapes = [tuple(read_png_metadata(f)[1][k] for k in keys) for f in files]
+    assert shapes == [(3, k, 2, 1) for k in range(3)]
+
+    calls = []
+    call = LatentDiffusionPipeline.__call__
+
+    def spy(self, prompt, **options):
+        calls.append((prompt, options["seed"], options["workers"], torch.get_num_threads()))
+        return call(self, prompt, **options)
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "__call__", spy)
+    capsys.readouterr()
+    assert main(["reproduce", str(files[2])]) == 0
+    assert calls[-1] == (["a sun"] * 3, [2] * 3, 2, 1)  # the third image of the batch, the same split
+    assert "image 3 of a batch of 3" in capsys.readouterr().err
+    assert main(["reproduce", "--alone", str(files[2])]) in (0, 1)  # alone: rounding may differ
+    assert calls[-1] == (["a sun"], [2], None, 1)
+    assert torch.get_num_threads() == 1  # the recorded thread count was set for the call only
+
+
+@pytest.mark.parametrize(
+    ("fields", "alone", "expected"),
+    [
+        ({"batch_size": 4, "batch_index": 3, "workers": 2, "threads": 1}, False, (4, 3, 2, 1)),
+        ({"batch_size": 4, "batch_index": 3, "workers": 2, "threads": 1}, True, (1, 0, None, 1)),
+        ({}, False, (1, 0, None, None)),  # an image from before the batch shape was recorded
+        ({"batch_size": 4, "batch_index": 4}, False, (1, 0, None, None)),  # its place is not in the batch
+        ({"batch_size": "4", "batch_index": -1, "workers": True, "threads": 0}, False, (1, 0, None, None)),
+        ({"batch_size": 2, "threads": 10_000}, False, (2, 0, None, None)),  # more threads than this machine has
+    ],
+)
+def test_batch_shape_from_a_record(fields, alone, expected):
+    from latentdiff.cli.reproduce import BatchShape
+
+    shape = BatchShape.of(fields, alone=alone)
+    assert (shape.size, shape.index, shape.workers, shape.threads) == expected
+
+
 def test_info_and_samplers(model, tmp_path, capsys):
     assert main(["info", str(model)]) == 0
     text = capsys.readouterr().out

@@ -10,6 +10,7 @@ import torch
 
 from latentdiff import LatentDiffusionPipeline
 from latentdiff import workers as parallel
+from latentdiff.metadata import read_record
 from latentdiff.testing.tiny import save_tiny_pipeline
 
 pytestmark = pytest.mark.skipif(not parallel.can_fork(), reason="worker processes are forked, on Linux only")
@@ -128,7 +129,12 @@ def test_pipeline_images_and_metadata_do_not_depend_on_workers(pipe, workers):
     one = pipe(prompts, num_images_per_prompt=2, workers=1, **common)
     split = pipe(prompts, num_images_per_prompt=2, workers=workers, **common)
     assert np.abs(pixels(one) - pixels(split)).max() <= 1
-    assert [im.info for im in one] == [im.info for im in split]
+    assert [im.info["parameters"] for im in one] == [im.info["parameters"] for im in split]
+    records = [[read_record(im) for im in images] for images in (one, split)]
+    # the record says how the batch was computed (reproduce repeats it) and otherwise nothing changes
+    assert [r.pop("workers") for r in records[0]] == [1] * 6
+    assert [r.pop("workers") for r in records[1]] == [workers] * 6
+    assert records[0] == records[1]
 
 
 def test_pipeline_rejects_workers_it_cannot_use(pipe, monkeypatch):

@@ -182,7 +182,7 @@ def run(args) -> int:
                     continue
                 for t, image in zip(batch, images, strict=True):
                     if t in wanted:
-                        _save(out, part, t, image, model, model_hash, {**extra, "batch_size": len(batch)})
+                        _save(out, part, t, image, model, model_hash, extra)
                         counts["made"] += 1
                         bar.update(1)
         except KeyboardInterrupt:  # a second Ctrl-C: stop now; what was written is whole
@@ -294,9 +294,9 @@ def merge_manifest(out: Path, tasks: list[Task], model: str, model_hash: str | N
 
 
 def _save(out: Path, part: Path, task: Task, image, model: str, model_hash, extra: dict) -> None:
-    from latentdiff.metadata import RECORD_KEY, save_png
+    from latentdiff.metadata import read_record, save_png
 
-    record = json.loads(image.info[RECORD_KEY]) if RECORD_KEY in image.info else {}
+    record = read_record(image)
     record |= {"line": task.line, "index": task.index, "file": task.file, **extra}
     save_png(image, out / task.file, record)
     with open(part, "a", encoding="utf-8") as f:  # after the PNG: a listed file is always whole
