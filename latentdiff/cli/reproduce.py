@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -148,17 +147,13 @@ class BatchShape:
             return None
         return self.workers
 
-    @contextlib.contextmanager
     def threads_set(self):
+        """Torch's threads set to the recorded count for the call (left as they are without one)."""
         import torch
 
-        before = torch.get_num_threads()
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+        from latentdiff.workers import num_threads
+
+        return num_threads(self.threads or torch.get_num_threads())
 
 
 def _count(value, default, low: int = 1):
