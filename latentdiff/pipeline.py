@@ -17,6 +17,7 @@ from latentdiff import workers as parallel
 from latentdiff.attention import inference_cache
 from latentdiff.clip import CLIPTextEncoder, CLIPTextSettings
 from latentdiff.config import read_json, write_json
+from latentdiff.devices import check_device
 from latentdiff.metadata import attach
 from latentdiff.samplers import SAMPLERS, make_sampler
 from latentdiff.schedules import ScheduleConfig
@@ -157,6 +158,8 @@ class LatentDiffusionPipeline:
         return folders.write_folder_atomically(path, write)
 
     def to(self, device=None, dtype=None) -> LatentDiffusionPipeline:
+        if device is not None:
+            device = check_device(device)  # before any module moves: a bad device leaves the pipeline whole
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
         self._context_cache.clear()

@@ -4,8 +4,8 @@ A bad line never stops the parse: it becomes a `LineError` (1-based line number 
 other lines still become `PromptJob`s, so a run can go on and report the bad lines at the end.
 
 .txt rules (one prompt per line):
-- The file is UTF-8, with or without a BOM; lines end in LF or CRLF. Lines are split on "\\n" only, so
-  line numbers are the ones an editor shows.
+- The file is UTF-8, with or without a BOM, or UTF-16 with one (`latentdiff.textfiles`); lines end in LF
+  or CRLF. Lines are split on "\\n" only, so line numbers are the ones an editor shows.
 - A line that is blank, or whose first non-blank character is `#`, is skipped.
 - An *option token* is `--NAME` where NAME is ASCII letters only, standing at the start of the line or
   after whitespace, and followed by whitespace or the end of the line. The options section starts at the
@@ -34,6 +34,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from latentdiff.textfiles import NotTextError, decode_text
 
 # Sampler names, for when latentdiff.samplers is not importable; the SAMPLERS dict there is the truth.
 FALLBACK_SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m")
@@ -123,10 +125,9 @@ def read_prompt_file(path: str | Path) -> tuple[list[PromptJob], list[LineError]
     except OSError as e:
         raise PromptFileError(f"cannot read prompt file {path}: {e.strerror or e}") from None
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise PromptFileError(f"{path}: not UTF-8 (line {line}, byte {e.start}); save it as UTF-8") from None
+        text = decode_text(data, path)
+    except NotTextError as e:
+        raise PromptFileError(str(e)) from None
     return parse_prompts(text, suffix.lstrip("."))
 
 

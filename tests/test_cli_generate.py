@@ -249,6 +249,7 @@ def test_hostile_prompt_stays_inside_out(model, tmp_path):
         (["--sampler", "warp"], "unknown sampler 'warp'; choose from ddim, ddpm"),
         (["--steps", "0"], "--steps must be at least 1"),
         (["--workers", "0"], "--workers must be at least 1"),
+        (["--device", "cuda:99"], "cannot use --device cuda:99: "),
         ([], "give a prompt file (.txt, .jsonl, .csv) or at least one -p TEXT"),
     ],
 )
@@ -276,6 +277,8 @@ def test_reproduce_match_and_mismatch(model, tmp_path, capsys):
     capsys.readouterr()
     assert main(["reproduce", str(path)]) == 0
     assert capsys.readouterr().out.startswith("match: ")
+    assert main(["reproduce", str(path), "--device", "cuda:99"]) == 2
+    assert "reproduce: error: cannot use --device cuda:99: " in capsys.readouterr().err
 
     from latentdiff.metadata import save_png
 

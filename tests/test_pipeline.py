@@ -1,6 +1,7 @@
 """LatentDiffusionPipeline against diffusers' StableDiffusionPipeline on the same tiny random weights."""
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -243,6 +244,24 @@ def test_bad_call_arguments(pipe1, kwargs, error, message):
     call.update(kwargs)
     with pytest.raises(error, match=message):
         pipe1(**call)
+
+
+def unusable_cuda_message() -> str:
+    """What moving to cuda:99 must say on this torch build: no CUDA at all, or too few GPUs."""
+    if torch.version.cuda is None and torch.version.hip is None:
+        return "was built without CUDA, so cuda:99 cannot be used; use cpu"
+    return "no cuda device is available" if not torch.cuda.is_available() else "cuda:99 does not exist"
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("cuda:99", None), ("banana", "'banana' is not a torch device"), ("cuda:-1", "is not a torch device")],
+)
+def test_an_unusable_device_is_named_and_the_pipeline_stays_put(pipe1, device, message):
+    with pytest.raises(ValueError, match=re.escape(message or unusable_cuda_message())):
+        pipe1.to(device)
+    assert {p.device.type for p in pipe1.unet.parameters()} == {"cpu"}
+    assert pipe1.to("cpu:0").device.type == "cpu"
 
 
 def test_missing_component_folder_is_named(sd1, tmp_path):

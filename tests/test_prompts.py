@@ -238,6 +238,20 @@ def test_csv_bad_header_is_a_line_1_error(header, message):
 # --- whole-file errors -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig"])
+def test_prompt_file_with_a_byte_order_mark(tmp_path, encoding):
+    """Windows PowerShell 5 writes `echo ... > prompts.txt` as UTF-16 with a mark; Notepad adds one to UTF-8."""
+    path = tmp_path / "p.txt"
+    data = "Ünïcode fox --d 4\r\n# note\r\nsecond\r\n".encode(encoding)
+    path.write_bytes(data if encoding != "utf-16-be" else b"\xfe\xff" + data)
+    jobs, errors = read_prompt_file(path)
+    assert [(j.line, j.prompt, j.seed) for j in jobs] == [(1, "Ünïcode fox", 4), (3, "second", None)]
+    assert errors == []
+    path.write_bytes(b"\xff\xfe" + "ok\nbad ".encode("utf-16-le") + b"\x00\xd8")  # a lone surrogate
+    with pytest.raises(PromptFileError, match=r"p.txt: not UTF-8 \(line 2, byte 16\)"):
+        read_prompt_file(path)
+
+
 def test_file_level_errors(tmp_path):
     with pytest.raises(PromptFileError, match="cannot read prompt file"):
         read_prompt_file(tmp_path / "missing.txt")

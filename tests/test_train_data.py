@@ -92,6 +92,45 @@ def test_broken_metadata_is_a_clear_error(tmp_path):
         find_examples(data)
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_metadata_and_captions_as_windows_tools_save_them(tmp_path, encoding):
+    """Excel's "CSV UTF-8" and Notepad start the file with a byte-order mark; PowerShell 5 writes UTF-16."""
+    for name in ("csv", "jsonl", "kohya"):
+        data = tmp_path / encoding / name
+        data.mkdir(parents=True)
+        _png(data / "0.png")
+        text = {
+            "csv": ("metadata.csv", "file_name,text\r\n0.png,café au lait\r\n"),
+            "jsonl": ("metadata.jsonl", '{"file_name": "0.png", "text": "café au lait"}\r\n'),
+            "kohya": ("0.txt", "café au lait\r\n"),
+        }[name]
+        (data / text[0]).write_bytes(text[1].encode(encoding))
+        found = find_examples(data)
+        assert [(ex.path.name, ex.caption) for ex in found.examples] == [("0.png", "café au lait")], name
+        assert found.bad_files == []
+
+
+def test_text_in_another_encoding_is_named_not_garbled(tmp_path):
+    data = _kohya(tmp_path / "kohya")
+    (data / "img1.txt").write_bytes("café".encode("latin-1"))
+    found = find_examples(data)
+    assert [ex.path.name for ex in found.examples] == ["img0.png", "img2.png"]
+    assert [(p.name, why) for p, why in found.bad_files] == [
+        ("img1.png", f"caption {data / 'img1.txt'}: not UTF-8 (line 1, byte 3); save it as UTF-8")
+    ]
+    (data / "img0.txt").write_bytes(b"\xe9")
+    (data / "img2.txt").write_bytes(b"\xe9")
+    with pytest.raises(DataError, match=r"no usable images in .*\n  img0.png: caption .*img0.txt: not UTF-8"):
+        find_examples(data)
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    _png(meta / "0.png")
+    (meta / "metadata.csv").write_bytes("file_name,text\n0.png,café\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"metadata.csv: not UTF-8 \(line 2, byte 24\); save it as UTF-8"):
+        find_examples(meta)
+
+
 # ---- bad files -------------------------------------------------------------------------------------------
 def _truncated(path):
     buf = io.BytesIO()
@@ -169,7 +208,7 @@ def test_empty_and_missing_folders_are_errors(tmp_path):
         find_examples(tmp_path / "empty")
     (tmp_path / "allbad").mkdir()
     (tmp_path / "allbad" / "x.png").write_bytes(b"")
-    with pytest.raises(DataError, match="no usable images.*x.png"):
+    with pytest.raises(DataError, match=r"no usable images in .*allbad:\n  x.png: empty file \(0 bytes\)$"):
         find_examples(tmp_path / "allbad")
 
 

@@ -486,3 +486,30 @@ def test_accelerate_cpu_launch_is_detected(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("ACCELERATE_USE_CPU")
     assert requested_cpu_processes(launcher) == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--learning-rate", "-1"], "--learning-rate must be a positive number, got -1.0"),
+        (["--text-encoder-lr", "0"], "--text-encoder-lr must be a positive number, got 0.0"),
+        (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1), got 1.0"),
+        (["--max-grad-norm", "nan"], "--max-grad-norm must be a number >= 0, got nan"),
+        (["--noise-offset", "-0.1"], "--noise-offset must be a number >= 0, got -0.1"),
+    ],
+)
+def test_bad_optimizer_numbers_are_usage_errors(model_dir, data_dir, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as stop:
+        run(model_dir, data_dir, tmp_path / "o", *extra, steps=1)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_dir_that_is_a_file_is_an_error_and_the_file_stays(model_dir, data_dir, tmp_path, capsys):
+    (tmp_path / "o").write_text("precious")
+    assert run(model_dir, data_dir, tmp_path / "o", steps=1) == 1
+    assert f"--output-dir {tmp_path / 'o'} is a file, not a folder" in capsys.readouterr().err
+    assert run(model_dir, data_dir, tmp_path / "o" / "sub", steps=1) == 1
+    assert f"cannot use --output-dir {tmp_path / 'o' / 'sub'}: Not a directory" in capsys.readouterr().err
+    assert (tmp_path / "o").read_text() == "precious"

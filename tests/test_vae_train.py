@@ -168,3 +168,9 @@ def test_user_errors(config_file, tmp_path, capsys):
     assert "--decoder-only needs --init" in capsys.readouterr().err
     assert main(["--output-dir", str(tmp_path / "e"), "--init", str(tmp_path / "nope")]) == 1
     assert "no trained VAE in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--output-dir", str(tmp_path / "f"), "--learning-rate", "-1"])
+    assert "--learning-rate must be a positive number, got -1.0" in capsys.readouterr().err
+    (tmp_path / "g").write_text("precious")
+    assert run(config_file, tmp_path / "g", "--max-steps", "1") == 1
+    assert "is a file, not a folder" in capsys.readouterr().err and (tmp_path / "g").read_text() == "precious"

@@ -404,17 +404,22 @@ def _distributed_state(device: str | None):
 def _load_pipeline(args, state):
     import torch
 
+    from latentdiff.devices import check_device
     from latentdiff.pipeline import LatentDiffusionPipeline
 
     device = args.device or (state.device if state is not None else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    try:
+        device = check_device(device)  # before loading: a big model takes a while to read
+    except ValueError as e:
+        raise UserError(f"cannot use --device {device}: {e}") from None
     try:
         pipe = LatentDiffusionPipeline.from_pretrained(args.model)
     except (OSError, ValueError) as e:  # ModelFolderError is a ValueError
         raise UserError(f"cannot load model: {e}") from None
     try:
         pipe.to(device=device, dtype=dtype)
-    except (RuntimeError, ValueError) as e:
+    except RuntimeError as e:  # e.g. out of memory on the device
         raise UserError(f"cannot use --device {device}: {e}") from None
     if args.workers is not None:
         from latentdiff.workers import check_workers

@@ -51,7 +51,10 @@ def run(args) -> int:
     import torch
 
     dtype = getattr(torch, record.get("dtype") or "float32", None)
-    pipe.to(device=args.device or "cpu", dtype=dtype if isinstance(dtype, torch.dtype) else None)
+    try:
+        pipe.to(device=args.device or "cpu", dtype=dtype if isinstance(dtype, torch.dtype) else None)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"cannot use --device {args.device}: {e}") from None
     if record.get("model_hash") and pipe.model_hash != record["model_hash"]:
         print(
             f"warning: model hash {str(pipe.model_hash)[:10]} differs from the recorded "

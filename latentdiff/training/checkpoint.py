@@ -155,9 +155,14 @@ def remove_stale_temporaries(out_dir: str | Path) -> None:
 
 
 def prepare_output_dir(out_dir: Path, resume: str | None, accelerator, log) -> Path | None:
-    """Create `out_dir` (main process), clear a killed run's temporaries; the checkpoint to resume from, or None."""
-    if accelerator.is_main_process:
+    """Create `out_dir`, clear a killed run's temporaries (main process); the checkpoint to resume from, or None."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingError(f"--output-dir {out_dir} is a file, not a folder; choose another --output-dir")
+    try:  # on every process, so that all of them stop on a bad folder instead of waiting for the main one
         out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"cannot use --output-dir {out_dir}: {e.strerror or e}") from None
+    if accelerator.is_main_process:
         remove_stale_temporaries(out_dir)
     accelerator.wait_for_everyone()
     resume_dir = resolve_resume(resume, out_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from latentdiff.training.images import DEFAULT_MAX_PIXELS
@@ -147,6 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace, positive=(), non_negative=(), below_one=()):
+    """Real-valued options (None: not given) must be finite and in their range, else a usage error naming them.
+
+    A negative learning rate or a NaN clip norm would otherwise run, and train nonsense, without a word.
+    """
+    ranges = [(positive, "a positive number", lambda v: v > 0), (non_negative, "a number >= 0", lambda v: v >= 0)]
+    ranges.append((below_one, "in [0, 1)", lambda v: 0 <= v < 1))
+    for names, wanted, ok in ranges:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                p.error(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
+
+
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     positive = ["max_steps", "batch_size", "grad_accum", "max_nan_steps", "validation_steps", "shapes_count"]
     for name in positive:
@@ -157,6 +172,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--{name.replace('_', '-')} must not be negative")
     if args.keep_checkpoints is not None and args.keep_checkpoints < 1:
         p.error("--keep-checkpoints must be at least 1")
+    check_numbers(
+        p,
+        args,
+        positive=("learning_rate", "text_encoder_lr", "adam_epsilon", "snr_gamma"),
+        non_negative=("adam_weight_decay", "max_grad_norm", "noise_offset"),
+        below_one=("adam_beta1", "adam_beta2"),
+    )
     if args.resolution is not None and args.resolution < 1:
         p.error("--resolution must be positive")
     if not 0.0 <= args.caption_dropout <= 1.0:

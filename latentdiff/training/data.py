@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from latentdiff.textfiles import NotTextError, read_text
 from latentdiff.training.errors import TrainingError
 from latentdiff.training.images import (
     DEFAULT_MAX_PIXELS,
@@ -69,16 +71,15 @@ def find_examples(
     if len(present) > 1:
         raise DataError(f"{folder} has both metadata.jsonl and metadata.csv; keep one of them")
     if present:
-        candidates, missing = _from_metadata(present[0], image_column, caption_column)
+        candidates, bad = _from_metadata(present[0], image_column, caption_column)
     else:
-        candidates, missing = _from_caption_files(folder, caption_extension), []
-    if not candidates and not missing:
+        candidates, bad = _from_caption_files(folder, caption_extension)
+    if not candidates and not bad:
         raise DataError(
             f"no images found in {folder}: expected images with same-name {caption_extension} captions, "
             f"or a metadata.jsonl / metadata.csv ({image_column!r} + {caption_column!r} columns)"
         )
 
-    bad = [(path, "file listed in the metadata does not exist") for path in missing]
     with pixel_limit(max_pixels), ThreadPoolExecutor(max(1, workers)) as pool:
         reasons = list(pool.map(lambda ex: _check_image(ex.path, max_pixels), candidates))
     good = []
@@ -100,18 +101,19 @@ def find_examples(
         good = [Example(ex.path, ex.caption if ex.caption is not None else "") for ex in good]
     if not good:
         raise DataError(
-            f"no usable images in {folder}: all {len(bad) + len(uncaptioned)} were skipped "
-            f"({_names([p for p, _ in bad] + uncaptioned, folder)})"
+            bad_files_message(bad + [(p, "no caption") for p in uncaptioned], folder, 10, "no usable images in")
         )
     return Found(good, bad, uncaptioned)
 
 
-def bad_files_message(bad: list[tuple[Path, str]], folder: str | Path, limit: int = 100) -> str:
+def bad_files_message(
+    bad: list[tuple[Path, str]], folder: str | Path, limit: int = 100, head: str = "skipped {n} unusable file(s) in"
+) -> str:
     """The one warning for all skipped files: each named with its reason."""
     lines = [f"  {_rel(p, folder)}: {why}" for p, why in bad[:limit]]
     if len(bad) > limit:
         lines.append(f"  ... and {len(bad) - limit} more")
-    return f"skipped {len(bad)} unusable file(s) in {folder}:\n" + "\n".join(lines)
+    return f"{head.format(n=len(bad))} {folder}:\n" + "\n".join(lines)
 
 
 def _check_image(path: Path, max_pixels: int) -> str | None:
@@ -122,21 +124,31 @@ def _check_image(path: Path, max_pixels: int) -> str | None:
     return None
 
 
-def _from_caption_files(folder: Path, caption_extension: str) -> list[Example]:
-    """kohya style: every non-caption file is a candidate image (Pillow decides); captions share its stem."""
+def _from_caption_files(folder: Path, caption_extension: str) -> tuple[list[Example], list[tuple[Path, str]]]:
+    """kohya style: every non-caption file is a candidate image (Pillow decides); captions share its stem.
+
+    An image whose caption file cannot be read as text is left out with the reason, like a bad image.
+    """
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p, folder))
     captions = {p.with_suffix(""): p for p in files if p.suffix.lower() == caption_extension}
-    examples = []
+    examples, bad = [], []
     for path in files:
         if path.suffix.lower() == caption_extension:
             continue
         caption_file = captions.get(path.with_suffix(""))
-        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file else None
+        try:
+            caption = read_text(caption_file).strip() if caption_file else None
+        except NotTextError as e:
+            bad.append((path, f"caption {e}"))
+            continue
+        except OSError as e:
+            bad.append((path, f"cannot read caption {caption_file}: {e.strerror or e}"))
+            continue
         examples.append(Example(path, caption))
-    return examples
+    return examples, bad
 
 
-def _from_metadata(path: Path, image_column: str, caption_column: str) -> tuple[list[Example], list[Path]]:
+def _from_metadata(path: Path, image_column: str, caption_column: str) -> tuple[list[Example], list[tuple[Path, str]]]:
     """Hugging Face imagefolder style: rows of (file_name relative to the folder, text)."""
     rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
     examples, missing = [], []
@@ -152,13 +164,22 @@ def _from_metadata(path: Path, image_column: str, caption_column: str) -> tuple[
         if file.is_file():
             examples.append(Example(file, caption))
         else:
-            missing.append(file)
+            missing.append((file, "file listed in the metadata does not exist"))
     return examples, missing
+
+
+def _metadata_text(path: Path) -> str:
+    try:
+        return read_text(path)
+    except NotTextError as e:
+        raise DataError(str(e)) from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     rows = []
-    for i, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for i, text in enumerate(_metadata_text(path).splitlines(), start=1):
         if not text.strip():
             continue
         try:
@@ -172,8 +193,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return [(i, {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(csv.DictReader(f), 2)]
+    rows = csv.DictReader(io.StringIO(_metadata_text(path), newline=""))
+    return [(i, {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(rows, 2)]
 
 
 def _hidden(path: Path, root: Path) -> bool:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from latentdiff.training import checkpoint as ckpt
+from latentdiff.training.cli import check_numbers
 from latentdiff.training.errors import NonFiniteLossError, TrainingError
 
 
@@ -472,8 +473,12 @@ def main(argv=None) -> int:
     for name in ("max_steps", "batch_size", "scale_samples", "shapes_count", "resolution", "max_nan_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.kl_weight < 0 or args.edge_weight < 0:
-        parser.error("--kl-weight and --edge-weight must not be negative")
+    check_numbers(
+        parser,
+        args,
+        positive=("learning_rate",),
+        non_negative=("kl_weight", "edge_weight", "foreground_weight", "max_grad_norm"),
+    )
     if args.decoder_only and args.init is None:
         parser.error("--decoder-only needs --init (the trained VAE whose encoder is kept)")
     if args.init is not None and args.config is not None:
