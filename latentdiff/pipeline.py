@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import random
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from latentdiff.clip import CLIPTextEncoder, CLIPTextSettings
 from latentdiff.config import read_json, write_json
 from latentdiff.devices import check_device
 from latentdiff.metadata import attach
+from latentdiff.prompts import MAX_SEED
 from latentdiff.samplers import SAMPLERS, make_sampler
 from latentdiff.schedules import ScheduleConfig
 from latentdiff.text import encode_prompts
@@ -217,6 +220,7 @@ class LatentDiffusionPipeline:
         if karras is None:  # the stored default applies only to the stored sampler
             karras = bool(self.defaults.get("karras")) and sampler_name == self.defaults["sampler"]
         self._check_call(height, width, steps, sampler_name, num_images_per_prompt)
+        _check_numbers(guidance_scale, eta, karras)
         if workers is not None:
             parallel.check_workers(workers, self.device, callback)
         options = {"eta": eta} if sampler_name == "ddim" else {}
@@ -337,6 +341,9 @@ class LatentDiffusionPipeline:
 
     def _check_call(self, height: int, width: int, steps, sampler: str, n: int) -> None:
         m = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if not _is_int(value):
+                raise TypeError(f"{name} must be a whole number of pixels, got {value!r}")
         if height <= 0 or width <= 0 or height % m or width % m:
             raise ValueError(
                 f"size {width}x{height} is not possible with this model: width and height must be positive "
@@ -350,8 +357,34 @@ class LatentDiffusionPipeline:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {n!r}")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's ints too
+
+
+def _check_numbers(guidance_scale, eta, karras) -> None:
+    """The real-valued settings: a NaN guidance scale or a negative eta would make noise, not an error."""
+    for name, value, low in (("guidance_scale", guidance_scale, -math.inf), ("eta", eta, 0.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < math.inf:
+            wanted = "a finite number" if low == -math.inf else f"a finite number >= {low:g}"
+            raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    if karras is not None and not isinstance(karras, bool):
+        raise TypeError(f"karras must be True, False or None, got {karras!r}")
+
+
+def _as_list(value) -> list | None:
+    """The items of a list, tuple or other iterable (a numpy array); None for a string or a non-iterable."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        return list(value)
+    except TypeError:
+        return None
+
+
 def _as_prompt_list(prompt, what: str) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [prompt] if isinstance(prompt, str) else _as_list(prompt)
+    if prompts is None:
+        raise TypeError(f"{what} must be a str or a list of str, got {type(prompt).__name__}")
     if not prompts:
         raise ValueError(f"{what} list is empty; give at least one prompt")
     bad = [p for p in prompts if not isinstance(p, str)]
@@ -376,9 +409,15 @@ def _negatives(negative_prompt, count: int) -> list[str]:
 def _seeds(seed, count: int) -> list[int]:
     if seed is None:
         seed = random.SystemRandom().randrange(2**32)
-    if isinstance(seed, int):
-        return [seed + k for k in range(count)]
-    seeds = [int(s) for s in seed]
+    seeds = [seed + k for k in range(count)] if _is_int(seed) else _as_list(seed)
+    if seeds is None or not all(_is_int(s) for s in seeds):
+        raise TypeError(f"seed must be an int or a list of ints, got {seed!r}")
     if len(seeds) != count:
         raise ValueError(f"got {len(seeds)} seeds for {count} images; give one seed or one per image")
-    return seeds
+    bad = next((k for k, s in enumerate(seeds) if not 0 <= s <= MAX_SEED), None)
+    if bad is not None:
+        raise ValueError(
+            f"seeds must be between 0 and {MAX_SEED} (what torch.Generator takes); image {bad + 1} would get "
+            f"{seeds[bad]}"
+        )
+    return [int(s) for s in seeds]

@@ -67,7 +67,7 @@ FIELDS = (
 SUFFIXES = (".txt", ".jsonl", ".csv")
 
 _OPTION_TOKEN = re.compile(r"(?:^|(?<=\s))--([A-Za-z]+)(?=\s|$)")
-_MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -293,8 +293,8 @@ def check_value(field: str, value: Any, name: str) -> Any:
         if sampler not in names:
             raise ValueError(f"unknown sampler {value!r}; choose from {', '.join(names)}")
         return sampler
-    if field == "seed" and not 0 <= value <= _MAX_SEED:
-        raise ValueError(f"{name} must be between 0 and {_MAX_SEED}, got {value}")
+    if field == "seed" and not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name} must be between 0 and {MAX_SEED}, got {value}")
     if field in ("steps", "width", "height", "images") and value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
     if field == "guidance_scale" and not math.isfinite(value):

@@ -315,3 +315,34 @@ def test_cli_eval_model(tmp_path, monkeypatch, capsys):
     FakePipeline.calls = []
     assert main([*argv, "--sampler", "euler_b"]) == 2
     assert "euler_b" in capsys.readouterr().err and FakePipeline.calls == []
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--seed", "-1"], "--seed must not be negative, got -1"),
+        (["--out", "{tmp}/file"], "cannot write to --out {tmp}/file: it is a file, not a folder"),
+        ([], "cannot load --model: model folder not found: {tmp}/nowhere"),
+        (["--prompts", "{tmp}/latin1.txt"], "latin1.txt: not UTF-8 (line 2, byte 16); save it as UTF-8"),
+    ],
+)
+def test_cli_eval_model_user_errors(tmp_path, capsys, extra, message):
+    (tmp_path / "file").write_text("precious")
+    (tmp_path / "latin1.txt").write_bytes("a red circle\ncaf\xe9".encode("latin-1"))
+    """Each is found before any model loads: the model folder given does not exist, and only [] reaches it."""
+    argv = ["eval", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]
+    assert main(argv + [a.format(tmp=tmp_path) for a in extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("latentdiff eval: error: ") and message.format(tmp=tmp_path) in err and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "precious"
+
+
+def test_cli_eval_images_names_an_unreadable_image(tmp_path, capsys):
+    _write_generated_folder(tmp_path / "gen", ["a red circle", "a blue star"])
+    file = json.loads((tmp_path / "gen" / "manifest.jsonl").read_text().splitlines()[1])["file"]
+    (tmp_path / "gen" / file).write_bytes(b"not a png")
+    assert main(["eval", "--images", str(tmp_path / "gen"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read image {tmp_path / 'gen' / file}: " in err and "Traceback" not in err

@@ -237,6 +237,15 @@ def pipe1(sd1):
         (dict(prompt=[]), ValueError, "prompt list is empty"),
         (dict(negative_prompt=["a", "b"]), ValueError, "negative prompts for 1 prompts"),
         (dict(seed=[1, 2]), ValueError, "2 seeds for 1 images"),
+        (dict(prompt=None), TypeError, "prompt must be a str or a list of str, got NoneType"),
+        (dict(negative_prompt=5), TypeError, "negative_prompt must be a str or a list of str, got int"),
+        (dict(height=float(SIZE)), TypeError, "height must be a whole number of pixels"),
+        (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be a finite number, got nan"),
+        (dict(eta=-0.5), ValueError, r"eta must be a finite number >= 0, got -0.5"),
+        (dict(karras="yes"), TypeError, "karras must be True, False or None"),
+        (dict(seed=1.5), TypeError, "seed must be an int or a list of ints, got 1.5"),
+        (dict(seed=-1), ValueError, "seeds must be between 0 and 18446744073709551615 .* image 1 would get -1"),
+        (dict(seed=2**64 - 1, num_images_per_prompt=2), ValueError, "image 2 would get 18446744073709551616"),
     ],
 )
 def test_bad_call_arguments(pipe1, kwargs, error, message):
@@ -262,6 +271,13 @@ def test_an_unusable_device_is_named_and_the_pipeline_stays_put(pipe1, device, m
         pipe1.to(device)
     assert {p.device.type for p in pipe1.unet.parameters()} == {"cpu"}
     assert pipe1.to("cpu:0").device.type == "cpu"
+
+
+def test_numpy_seeds_are_seeds(pipe1):
+    call = dict(prompt=["a red circle", "a star"], height=SIZE, width=SIZE, steps=2, progress=False)
+    expected = pixels(pipe1(**call, seed=[3, 4]))
+    assert np.array_equal(pixels(pipe1(**call, seed=np.int64(3))), expected)
+    assert np.array_equal(pixels(pipe1(**call, seed=np.array([3, 4]))), expected)
 
 
 def test_missing_component_folder_is_named(sd1, tmp_path):

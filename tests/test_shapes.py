@@ -212,6 +212,12 @@ def test_cli_shapes(tmp_path, capsys):
     assert main(["shapes", "--out", str(tmp_path / "t"), "--count", "0"]) == 2
     assert "--count must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+    assert main(["shapes", "--out", str(tmp_path / "t"), "--count", "2", "--seed", "-1"]) == 2
+    assert "--seed must not be negative, got -1" in capsys.readouterr().err
+    (tmp_path / "f").write_text("precious")
+    assert main(["shapes", "--out", str(tmp_path / "f"), "--count", "2"]) == 2
+    assert f"cannot write to --out {tmp_path / 'f'}: it is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "f").read_text() == "precious" and not (tmp_path / "t").exists()
 
 
 def test_speed_report():

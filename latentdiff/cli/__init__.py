@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import tempfile
+from pathlib import Path
 
 # sub-command -> module under latentdiff.cli; imported only when used, so start-up stays fast.
 COMMANDS = {
@@ -19,6 +21,20 @@ COMMANDS = {
 
 class UserError(Exception):
     """A mistake in the user's input: printed as one line, exit code 2, no traceback."""
+
+
+def prepare_out(out: str | Path, flag: str = "--out") -> Path:
+    """Create the output folder and prove it is writable, before any time is spent loading a model."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"cannot write to {flag} {out}: it is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to {flag} {out}: {e.strerror or e}") from None
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

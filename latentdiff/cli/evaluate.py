@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from latentdiff.cli import UserError
+from latentdiff.cli import UserError, prepare_out
 
 
 def add_arguments(parser) -> None:
@@ -29,12 +30,17 @@ def add_arguments(parser) -> None:
 def read_manifest(folder: Path) -> tuple[list[str], list[str]]:
     """(files, prompts) from folder/manifest.jsonl; UserError naming the line of any problem."""
     from latentdiff.eval.captions import parse_caption
+    from latentdiff.textfiles import NotTextError, read_text
 
     manifest = folder / "manifest.jsonl"
     if not manifest.is_file():
         raise UserError(f"{manifest} not found; --images takes a folder written by `latentdiff generate`")
     files, prompts = [], []
-    for lineno, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = read_text(manifest)
+    except (OSError, NotTextError) as e:
+        raise UserError(f"cannot read {manifest}: {e}") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -60,7 +66,10 @@ def generate(args, prompts: list[str], out: Path) -> tuple[list[str], list, list
     from latentdiff import LatentDiffusionPipeline
 
     k = args.images_per_prompt
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    try:
+        pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    except (OSError, ValueError) as e:  # ModelFolderError is a ValueError
+        raise UserError(f"cannot load --model: {e}") from None
     options = {"progress": False}
     if args.steps is not None:
         options["steps"] = args.steps
@@ -102,13 +111,23 @@ def run(args) -> int:
                 raise UserError(f"--{flag.replace('_', '-')} goes with --model, not --images")
         folder = Path(args.images)
         files, prompts = read_manifest(folder)
+        prepare_out(out)
         images = []
         for file in files:
-            with Image.open(folder / file) as im:
-                images.append(im.convert("RGB"))
+            try:
+                with Image.open(folder / file) as im:
+                    images.append(im.convert("RGB"))
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise UserError(f"cannot read image {folder / file}: {e}") from None
     else:
         if args.images_per_prompt < 1 or args.batch_size < 1:
             raise UserError("--images-per-prompt and --batch-size must be at least 1")
+        if args.steps is not None and args.steps < 1:
+            raise UserError(f"--steps must be at least 1, got {args.steps}")
+        if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+            raise UserError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+        if args.seed < 0:
+            raise UserError(f"--seed must not be negative, got {args.seed}")
         from latentdiff.prompts import sampler_names
 
         if args.sampler is not None and args.sampler not in sampler_names():
@@ -122,7 +141,7 @@ def run(args) -> int:
                 prompt_list = read_prompt_file(args.prompts)
             except ValueError as e:
                 raise UserError(str(e)) from None
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_out(out)
         files, images, prompts = generate(args, prompt_list, out)
     report = evaluate(files, prompts, images, out)
     cats = ", ".join(f"{c} {a:.3f}" for c, a in report["categories"].items() if a is not None)

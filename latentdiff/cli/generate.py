@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentdiff.cli import UserError
+from latentdiff.cli import UserError, prepare_out
 from latentdiff.naming import grid_filename, image_filename
 from latentdiff.prompts import LineError, PromptFileError, PromptJob, check_value, read_prompt_file
 
@@ -124,7 +124,7 @@ def run(args) -> int:
     state = _distributed_state(args.device)
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     main_process = rank == 0
-    out = _prepare_out(Path(args.out))
+    out = prepare_out(Path(args.out))
     if main_process:
         for error in errors:
             print(f"{source}:{error.line}: error: {error.message}", file=sys.stderr)
@@ -377,17 +377,6 @@ def _check_options(args) -> None:
                     args.sampler = value
     except ValueError as e:
         raise UserError(str(e)) from None
-
-
-def _prepare_out(out: Path) -> Path:
-    """Create --out and prove it is writable, before any time is spent loading the model."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
-    return out
 
 
 def _distributed_state(device: str | None):

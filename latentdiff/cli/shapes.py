@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from latentdiff.cli import UserError
+from latentdiff.cli import UserError, prepare_out
 
 
 def add_arguments(parser) -> None:
@@ -26,6 +26,9 @@ def run(args) -> int:
         raise UserError(f"--count must be at least 1, got {args.count}")
     if args.size < 16:
         raise UserError(f"--size must be at least 16 pixels, got {args.size}")
+    if args.seed < 0:
+        raise UserError(f"--seed must not be negative, got {args.seed}")
+    prepare_out(args.out)
     start = time.perf_counter()
     path = write_dataset(args.out, args.count, seed=args.seed, size=args.size, paraphrase=args.paraphrase)
     seconds = time.perf_counter() - start

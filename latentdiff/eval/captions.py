@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+from latentdiff.textfiles import read_text
+
 COLOR_NAMES = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
 SHAPE_NAMES = ("circle", "square", "triangle", "star")
 BACKGROUND_NAMES = ("white", "black", "gray")
@@ -174,16 +176,15 @@ def heldout_prompts(categories: tuple[str, ...] | None = None) -> list[str]:
 def read_prompt_file(path) -> list[str]:
     """Canonical prompts, one a line (blank lines and # comments skipped); ValueError naming the bad line."""
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            try:
-                parse_caption(text)
-            except ValueError as e:
-                raise ValueError(f"{path}, line {lineno}: {e}") from None
-            prompts.append(text)
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):  # NotTextError is a ValueError
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            parse_caption(text)
+        except ValueError as e:
+            raise ValueError(f"{path}, line {lineno}: {e}") from None
+        prompts.append(text)
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
