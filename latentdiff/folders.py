@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from latentdiff.config import read_json
@@ -73,7 +74,13 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
 def read_state_dict(folder: Path, stem: str) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(folder, stem):
-        state.update(load_file(str(path)))
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError) as e:
+            raise ModelFolderError(
+                f"{path} is not a readable safetensors file ({e}); it may be truncated or damaged: "
+                "copy or save the model again"
+            ) from None
     return state
 
 
@@ -88,6 +95,17 @@ def load_weights(
     state = read_state_dict(folder, stem)
     if prefix:
         state = _fit_prefix(state, module, prefix)
+    own = module.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)}, not {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if wrong:
+        raise ModelFolderError(
+            f"{folder}: weights do not fit the model built from its config.json: {len(wrong)} have other shapes "
+            f"({'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''})"
+        )
     result = module.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith(ignore)]
     unexpected = [k for k in result.unexpected_keys if not k.endswith(ignore)]

@@ -120,6 +120,7 @@ class LatentDiffusionPipeline:
         tokenizer = CLIPTokenizer.from_folder(tokenizer_dir)
 
         stored = folders.read_defaults(root)
+        check_defaults(stored.get("defaults") or {}, f"{root / folders.DEFAULTS_FILE}: defaults")
         defaults = dict(stored.get("defaults") or {})
         if scheduler_raw.get("use_karras_sigmas") and "karras" not in defaults:
             defaults["karras"] = True  # a diffusers folder that samples with Karras sigmas
@@ -357,6 +358,30 @@ class LatentDiffusionPipeline:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {n!r}")
 
 
+def check_defaults(defaults: dict[str, Any], where: str) -> None:
+    """Stored sampling defaults must be usable: a bad one would fail every call, or make noise, not an error."""
+    checks = {
+        "sampler": (lambda v: v in SAMPLERS, f"one of {sorted(SAMPLERS)}"),
+        "steps": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+        "guidance_scale": (lambda v: _is_number(v) and math.isfinite(v), "a finite number"),
+        "height": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+        "width": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+        "karras": (lambda v: isinstance(v, bool), "true or false"),
+    }
+    if not isinstance(defaults, dict):
+        raise folders.ModelFolderError(f"{where}: expected a JSON object of settings, got {defaults!r}")
+    for key, value in defaults.items():
+        if key not in checks:
+            raise folders.ModelFolderError(f"{where}: unknown setting {key!r}; latentdiff knows {sorted(checks)}")
+        ok, wanted = checks[key]
+        if not ok(value):
+            raise folders.ModelFolderError(f"{where}: {key} = {value!r} is not {wanted}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's ints too
 
@@ -364,7 +389,7 @@ def _is_int(value) -> bool:
 def _check_numbers(guidance_scale, eta, karras) -> None:
     """The real-valued settings: a NaN guidance scale or a negative eta would make noise, not an error."""
     for name, value, low in (("guidance_scale", guidance_scale, -math.inf), ("eta", eta, 0.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < math.inf:
+        if not _is_number(value) or not low <= value < math.inf:
             wanted = "a finite number" if low == -math.inf else f"a finite number >= {low:g}"
             raise ValueError(f"{name} must be {wanted}, got {value!r}")
     if karras is not None and not isinstance(karras, bool):

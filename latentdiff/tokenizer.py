@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from latentdiff.config import read_json
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -66,7 +68,7 @@ def read_merges(path: Path) -> list[tuple[str, str]]:
 
 def read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The vocab and merges of a `tokenizers` file, if it holds CLIP's kind of BPE (else a clear error)."""
-    model = json.loads(path.read_text(encoding="utf-8")).get("model") or {}
+    model = read_json(path).get("model") or {}
     if model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD:
         raise ValueError(f"{path} is not a CLIP tokenizer (a BPE model with {END_OF_WORD!r} word ends)")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
@@ -110,7 +112,7 @@ class CLIPTokenizer:
         """vocab.json + merges.txt (CLIP's files), else the BPE model inside tokenizer.json (transformers 5)."""
         folder = Path(folder)
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            vocab = read_json(folder / "vocab.json")
             merges = read_merges(folder / "merges.txt")
         elif (folder / "tokenizer.json").is_file():
             vocab, merges = read_tokenizer_json(folder / "tokenizer.json")
@@ -121,7 +123,7 @@ class CLIPTokenizer:
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
             if (folder / name).is_file():
-                config.update(json.loads((folder / name).read_text(encoding="utf-8")))
+                config.update(read_json(folder / name))
         max_length = config.get("model_max_length")
         if not isinstance(max_length, int) or max_length > 1_000_000:  # transformers' "no limit" is 1e30
             max_length = DEFAULT_MAX_LENGTH

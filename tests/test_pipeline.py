@@ -306,6 +306,61 @@ def test_unsupported_config_key_is_named(sd1, tmp_path):
         LatentDiffusionPipeline.from_pretrained(broken)
 
 
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+DAMAGE = {
+    "a list": (lambda m: (m / "unet" / "config.json").write_text("[1]"), r"unet/config.json: expected a JSON object"),
+    "a string": (
+        lambda m: _edit_json(m / "unet" / "config.json", block_out_channels="abc"),
+        "unet/config.json: block_out_channels = 'abc' is not a list of integers",
+    ),
+    "a bool": (
+        lambda m: _edit_json(m / "vae" / "config.json", scaling_factor=True),
+        "vae/config.json: scaling_factor = True is not a number",
+    ),
+    "other shapes": (
+        lambda m: _edit_json(m / "unet" / "config.json", in_channels=3),
+        r"weights do not fit the model built from its config.json: 1 have other shapes \(conv_in.weight",
+    ),
+    "truncated": (
+        lambda m: _truncate(m / "vae" / "diffusion_pytorch_model.safetensors"),
+        "diffusion_pytorch_model.safetensors is not a readable safetensors file .* truncated or damaged",
+    ),
+    "tokenizer": (
+        lambda m: (m / "tokenizer" / "tokenizer.json").write_text("{bad"),
+        "tokenizer/tokenizer.json: not valid JSON",
+    ),
+    "defaults": (
+        lambda m: (m / "latentdiff.json").write_text(json.dumps({"defaults": {"steps": -5}})),
+        r"latentdiff.json: defaults: steps = -5 is not a positive integer",
+    ),
+    "a setting": (
+        lambda m: (m / "latentdiff.json").write_text(json.dumps({"defaults": {"stepz": 5}})),
+        r"latentdiff.json: defaults: unknown setting 'stepz'",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_model_folder_is_named(sd1, tmp_path, damage):
+    """Each is a ValueError naming the file and what is wrong: the CLI turns it into one line, exit 2."""
+    import shutil
+
+    broken = shutil.copytree(sd1, tmp_path / "m")
+    harm, message = DAMAGE[damage]
+    harm(broken)
+    with pytest.raises(ValueError, match=message):
+        LatentDiffusionPipeline.from_pretrained(broken)
+
+
 @pytest.mark.parametrize("suffix", [".bin", ".ckpt", ".pt"])
 def test_pickle_weights_are_refused(sd1, tmp_path, suffix):
     import shutil

@@ -125,6 +125,13 @@ def test_inconsistent_recipe_is_refused(tmp_path):
     recipe["unet"]["cross_attention_dim"] = 32
     with pytest.raises(RecipeError, match="cross_attention_dim .32. must equal text_encoder hidden_size .16."):
         init_model_folder(recipe, CAPTIONS, None, tmp_path / "m")
+    recipe["unet"]["cross_attention_dim"] = 16
+    recipe["defaults"]["steps"] = 0
+    with pytest.raises(RecipeError, match="recipe defaults: steps = 0 is not a positive integer"):
+        init_model_folder(recipe, CAPTIONS, None, tmp_path / "m")
+    recipe["defaults"] = {"sampler": "euler", "cfg": 3}
+    with pytest.raises(RecipeError, match="recipe defaults: unknown setting 'cfg'"):
+        init_model_folder(recipe, CAPTIONS, None, tmp_path / "m")
     del recipe["defaults"]
     with pytest.raises(RecipeError, match="missing \\['defaults'\\]"):
         init_model_folder(recipe, CAPTIONS, None, tmp_path / "m")

@@ -35,7 +35,6 @@ import torch
 from latentdiff.config import read_json
 
 RECIPE_KEYS = ("name", "resolution", "tokenizer", "text_encoder", "unet", "scheduler", "defaults")
-DEFAULT_KEYS = {"sampler", "steps", "guidance_scale", "height", "width"}
 
 
 class RecipeError(ValueError):
@@ -47,9 +46,12 @@ def check_recipe(recipe: dict[str, Any]) -> None:
     missing = [k for k in RECIPE_KEYS if k not in recipe]
     if missing:
         raise RecipeError(f"recipe is missing {missing}; it needs {list(RECIPE_KEYS)}")
-    unknown = set(recipe["defaults"]) - DEFAULT_KEYS
-    if unknown:
-        raise RecipeError(f"recipe defaults: unknown keys {sorted(unknown)}; choose from {sorted(DEFAULT_KEYS)}")
+    from latentdiff.pipeline import check_defaults
+
+    try:
+        check_defaults(recipe["defaults"], "recipe defaults")
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     width = recipe["text_encoder"].get("hidden_size")
     cross = recipe["unet"].get("cross_attention_dim", width)
     if width is None:
