@@ -209,8 +209,8 @@ def test_resume_remakes_missing_files_and_changed_settings(model, tmp_path, caps
     assert generate(*args) == 0
     rows = manifest(out)
     (out / rows[0]["file"]).unlink()
-    with open(out / "manifest.jsonl", "a") as f:
-        f.write('{"file": "torn')  # a line cut short by a crash
+    with open(out / "manifest.jsonl", "ab") as f:
+        f.write(b'{"file": "\xff\xfe damaged"}\n{"file": "torn')  # a damaged line, a line cut short by a crash
     capsys.readouterr()
     assert generate(*args, "--resume") == 0
     assert "made 1, skipped 1" in capsys.readouterr().err

@@ -314,6 +314,16 @@ def test_resume_errors_and_fresh_start(model_dir, data_dir, tmp_path, capsys):
     assert run(model_dir, data_dir, out, "--resume", "latest", steps=1, every=1) == 0
     assert run(model_dir, data_dir, out, "--lora-rank", "2", "--resume", "latest", steps=2) == 1
     assert "does not match" in capsys.readouterr().err
+    checkpoint = out / "checkpoint-1"
+    for name in ("optimizer.pt", "trainable.safetensors", "state.json"):
+        kept = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(b"garbage")
+        assert run(model_dir, data_dir, out, "--resume", "latest", steps=2) == 1
+        err = capsys.readouterr().err
+        assert f"checkpoint file {checkpoint / name} cannot be read (" in err and "Traceback" not in err
+        assert f"delete {checkpoint} and resume from the checkpoint before it" in err
+        assert "weights_only" not in err  # torch's advice to unpickle anyway is not passed on
+        (checkpoint / name).write_bytes(kept)
 
 
 def test_nothing_non_finite_is_ever_saved():

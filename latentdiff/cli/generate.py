@@ -266,11 +266,11 @@ def read_manifest(out: Path) -> dict[str, dict[str, Any]]:
     for path in [out / MANIFEST, *sorted(out.glob("manifest.rank*.partial.jsonl"))]:
         if not path.is_file():
             continue
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_bytes().splitlines():  # lines one by one: a damaged one spoils only itself
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash; its image is made again
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue  # a line cut short by a crash (or damaged); its image is made again
             if isinstance(record, dict) and isinstance(record.get("file"), str):
                 records[record["file"]] = record
     return records

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -177,9 +178,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file missing: {path}")
-    return load_file(str(path))
+    return _load(path, lambda p: load_file(str(p)))
 
 
 def save_json(data: dict, path: Path) -> None:
@@ -187,12 +186,23 @@ def save_json(data: dict, path: Path) -> None:
 
 
 def load_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file missing: {path}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _load(path, lambda p: json.loads(p.read_text(encoding="utf-8")))
 
 
 def load_torch(path: Path):
+    return _load(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+
+
+def _load(path: Path, read):
+    """read(path), or a CheckpointError that names the file and the way out (no traceback)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file missing: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return read(path)
+    except Exception as e:  # each reader (safetensors, JSON, torch's restricted unpickler) raises its own kinds
+        # torch's own message advises weights_only=False, i.e. running whatever the file holds: not repeated
+        why = "torch's safe loader refused it" if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(
+            f"checkpoint file {path} cannot be read ({why}); it is damaged or was not written by latentdiff: "
+            f"delete {path.parent} and resume from the checkpoint before it"
+        ) from None
