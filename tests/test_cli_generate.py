@@ -231,6 +231,33 @@ def test_bad_size_line_fails_alone(model, tmp_path, capsys):
     assert [r["line"] for r in manifest(out)] == [1]
 
 
+def test_a_line_too_big_for_memory_fails_alone(model, tmp_path, capsys, monkeypatch):
+    """The CPU allocator's failure is a plain RuntimeError; it fails the batch's lines, not the run."""
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    real_call = LatentDiffusionPipeline.__call__
+
+    def call(self, prompts, **kwargs):
+        if kwargs["width"] == 64:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+        if kwargs["width"] == 48:
+            raise RuntimeError("some other failure")
+        return real_call(self, prompts, **kwargs)
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "__call__", call)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("fine\nhuge --w 64\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert generate(prompts, "--model", model, "--out", out, *FAST) == 1
+    err = capsys.readouterr().err
+    assert f"{prompts}:2: error: out of memory making 1 image(s) of 64x32 on cpu; use a smaller" in err
+    assert "made 1, skipped 0, failed 1" in err and "Traceback" not in err
+    assert [r["line"] for r in manifest(out)] == [1]
+    prompts.write_text("other --w 48\n", encoding="utf-8")
+    with pytest.raises(RuntimeError, match="some other failure"):  # a bug stays a bug, with its traceback
+        generate(prompts, "--model", model, "--out", out, *FAST)
+
+
 def test_hostile_prompt_stays_inside_out(model, tmp_path):
     out = tmp_path / "a" / "out"
     assert generate("-p", "../../../escape/CON\x00.png", "--model", model, "--out", out, *FAST) == 0

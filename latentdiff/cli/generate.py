@@ -174,9 +174,12 @@ def run(args) -> int:
                         progress=False,
                         workers=args.workers,
                     )
-                except ValueError as e:  # settings this model cannot do (e.g. a size it cannot divide)
+                except (ValueError, RuntimeError) as e:  # settings this model cannot do, or memory it lacks
+                    if isinstance(e, RuntimeError) and not _out_of_memory(e):
+                        raise
+                    why = str(e) if isinstance(e, ValueError) else _memory_advice(batch, pipe.device)
                     for t in wanted:
-                        print(f"{source}:{t.line}: error: {e}", file=sys.stderr)
+                        print(f"{source}:{t.line}: error: {why}", file=sys.stderr)
                     counts["failed"] += len(wanted)
                     bar.update(len(wanted))
                     continue
@@ -250,6 +253,20 @@ def batches(tasks: list[Task], batch_size: int) -> list[list[Task]]:
     for t in tasks:
         groups.setdefault(t.batch_key, []).append(t)
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    """torch's CUDA OutOfMemoryError, or the CPU allocator's failure (a plain RuntimeError)."""
+    text = str(error)
+    return type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text
+
+
+def _memory_advice(batch: list[Task], device) -> str:
+    size = f"{batch[0].width}x{batch[0].height}"
+    return (
+        f"out of memory making {len(batch)} image(s) of {size} on {device}; "
+        "use a smaller --width/--height (or --w/--h on the line) or a smaller --batch-size"
+    )
 
 
 def _negatives(batch: list[Task]) -> list[str] | None:
