@@ -220,37 +220,37 @@ def test_resume_remakes_missing_files_and_changed_settings(model, tmp_path, caps
     assert [r["guidance_scale"] for r in manifest(out)] == [2.0, 2.0]
 
 
-def test_bad_size_line_fails_alone(model, tmp_path, capsys):
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("fine\nodd size --w 33\n", encoding="utf-8")
-    out = tmp_path / "out"
-    assert generate(prompts, "--model", model, "--out", out, *FAST) == 1
-    err = capsys.readouterr().err
-    assert f"{prompts}:2: error: size 33x32 is not possible" in err
-    assert "made 1, skipped 0, failed 1" in err
-    assert [r["line"] for r in manifest(out)] == [1]
-
-
-def test_a_line_too_big_for_memory_fails_alone(model, tmp_path, capsys, monkeypatch):
-    """The CPU allocator's failure is a plain RuntimeError; it fails the batch's lines, not the run."""
+def _pretend_memory_runs_out(monkeypatch, width: int, other_failure_width: int) -> None:
+    """The CPU allocator's failure is a plain RuntimeError: raise it for one width, something else for another."""
     from latentdiff.pipeline import LatentDiffusionPipeline
 
     real_call = LatentDiffusionPipeline.__call__
 
     def call(self, prompts, **kwargs):
-        if kwargs["width"] == 64:
+        if kwargs["width"] == width:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
-        if kwargs["width"] == 48:
+        if kwargs["width"] == other_failure_width:
             raise RuntimeError("some other failure")
         return real_call(self, prompts, **kwargs)
 
     monkeypatch.setattr(LatentDiffusionPipeline, "__call__", call)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("odd size --w 33", "size 33x32 is not possible"),
+        ("huge --w 64", "out of memory making 1 image(s) of 64x32 on cpu; use a smaller --width/--height"),
+    ],
+)
+def test_a_line_the_model_cannot_make_fails_alone(model, tmp_path, capsys, monkeypatch, line, message):
+    _pretend_memory_runs_out(monkeypatch, width=64, other_failure_width=48)
     prompts = tmp_path / "p.txt"
-    prompts.write_text("fine\nhuge --w 64\n", encoding="utf-8")
+    prompts.write_text(f"fine\n{line}\n", encoding="utf-8")
     out = tmp_path / "out"
     assert generate(prompts, "--model", model, "--out", out, *FAST) == 1
     err = capsys.readouterr().err
-    assert f"{prompts}:2: error: out of memory making 1 image(s) of 64x32 on cpu; use a smaller" in err
+    assert f"{prompts}:2: error: {message}" in err
     assert "made 1, skipped 0, failed 1" in err and "Traceback" not in err
     assert [r["line"] for r in manifest(out)] == [1]
     prompts.write_text("other --w 48\n", encoding="utf-8")
