@@ -138,6 +138,8 @@ class LatentDiffusionPipeline:
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write a diffusers-layout folder that StableDiffusionPipeline.from_pretrained also reads."""
+        if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
 
         def write(tmp: Path) -> None:
             sampler = self.defaults["sampler"]
@@ -162,6 +164,8 @@ class LatentDiffusionPipeline:
         return folders.write_folder_atomically(path, write)
 
     def to(self, device=None, dtype=None) -> LatentDiffusionPipeline:
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float16), got {dtype!r}")
         if device is not None:
             device = check_device(device)  # before any module moves: a bad device leaves the pipeline whole
         for module in (self.unet, self.vae, self.text_encoder):

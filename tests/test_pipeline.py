@@ -273,6 +273,26 @@ def test_an_unusable_device_is_named_and_the_pipeline_stays_put(pipe1, device, m
     assert pipe1.to("cpu:0").device.type == "cpu"
 
 
+def test_save_replaces_only_an_earlier_save_or_an_empty_folder(pipe1, tmp_path):
+    """Saving replaces the target whole; a folder of the user's other files must never be it."""
+    (tmp_path / "file").write_text("precious")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_text("precious")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        pipe1.save_pretrained(tmp_path / "file")
+    with pytest.raises(FileExistsError, match="a folder with other files in it .no model_index.json."):
+        pipe1.save_pretrained(tmp_path / "photos")
+    assert (tmp_path / "file").read_text() == "precious" and (tmp_path / "photos" / "a.jpg").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "photos"]  # no temporaries left either
+    (tmp_path / "empty").mkdir()
+    for _ in range(2):  # an empty folder, then the earlier save in it
+        assert (pipe1.save_pretrained(tmp_path / "empty") / "model_index.json").is_file()
+    with pytest.raises(ValueError, match="dtype must be None, torch.float32, torch.float16 or torch.bfloat16"):
+        pipe1.save_pretrained(tmp_path / "int8", dtype=torch.int8)
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        pipe1.to(dtype="float16")
+
+
 def test_numpy_seeds_are_seeds(pipe1):
     call = dict(prompt=["a red circle", "a star"], height=SIZE, width=SIZE, steps=2, progress=False)
     expected = pixels(pipe1(**call, seed=[3, 4]))

@@ -333,7 +333,7 @@ def save_vae(vae, folder: str | Path) -> Path:
         write_json(tmp / "config.json", vae.config.to_dict())
         folders.save_weights(vae, tmp / "diffusion_pytorch_model.safetensors", None)
 
-    return folders.write_folder_atomically(folder, write)
+    return folders.write_folder_atomically(folder, write, marker="config.json")
 
 
 @torch.no_grad()
