@@ -218,6 +218,28 @@ def test_cli_shapes(tmp_path, capsys):
     assert main(["shapes", "--out", str(tmp_path / "f"), "--count", "2"]) == 2
     assert f"cannot write to --out {tmp_path / 'f'}: it is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "f").read_text() == "precious" and not (tmp_path / "t").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "my cat"}\n')
+    assert main(["shapes", "--out", str(tmp_path / "mine"), "--count", "2"]) == 2
+    assert "already holds files that are not a Shapes dataset" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["metadata.jsonl"]
+    assert "my cat" in (tmp_path / "mine" / "metadata.jsonl").read_text()
+    assert main(["shapes", "--out", str(tmp_path / "s"), "--count", "3", "--seed", "3"]) == 0  # an earlier set
+    assert len((tmp_path / "s" / "metadata.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_stopped_write_leaves_no_metadata(tmp_path, monkeypatch):
+    calls = []
+
+    def save(self, *args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(args)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(tmp_path / "d", 5)
+    assert list((tmp_path / "d").iterdir()) == []  # no metadata.jsonl, no partial file (the PNGs were not saved)
 
 
 def test_speed_report():

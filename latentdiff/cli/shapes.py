@@ -30,7 +30,10 @@ def run(args) -> int:
         raise UserError(f"--seed must not be negative, got {args.seed}")
     prepare_out(args.out)
     start = time.perf_counter()
-    path = write_dataset(args.out, args.count, seed=args.seed, size=args.size, paraphrase=args.paraphrase)
+    try:
+        path = write_dataset(args.out, args.count, seed=args.seed, size=args.size, paraphrase=args.paraphrase)
+    except FileExistsError as e:
+        raise UserError(str(e)) from None
     seconds = time.perf_counter() - start
     print(f"wrote {args.count} images and {path} in {seconds:.1f} s ({args.count / max(seconds, 1e-9):.0f} images/s)")
     return 0

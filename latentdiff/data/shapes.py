@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -377,13 +378,37 @@ class ShapesDataset:
 def write_dataset(out_dir, count: int, seed: int = 0, size: int = 64, paraphrase: bool = False) -> Path:
     """Write out_dir/000000.png ... and out_dir/metadata.jsonl ({"file_name", "text", "scene"} per line)."""
     out_dir = Path(out_dir)
+    _check_replaceable(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = ShapesDataset(count, seed, size, paraphrase)
     width = max(6, len(str(count - 1)))
-    with open(out_dir / "metadata.jsonl", "w", encoding="utf-8") as f:
-        for i in range(count):
-            item = data[i]
-            name = f"{i:0{width}d}.png"
-            item["image"].save(out_dir / name, compress_level=1)
-            f.write(json.dumps({"file_name": name, "text": item["text"], "scene": item["scene"]}) + "\n")
+    # metadata.jsonl appears only when every image is written: a stopped run leaves no dataset that looks whole
+    partial = out_dir / ".metadata.jsonl.partial"
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            for i in range(count):
+                item = data[i]
+                name = f"{i:0{width}d}.png"
+                item["image"].save(out_dir / name, compress_level=1)
+                f.write(json.dumps({"file_name": name, "text": item["text"], "scene": item["scene"]}) + "\n")
+        os.replace(partial, out_dir / "metadata.jsonl")
+    finally:
+        partial.unlink(missing_ok=True)
     return out_dir / "metadata.jsonl"
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Writing overwrites NNNNNN.png and metadata.jsonl: only a new or empty folder, or an earlier Shapes set."""
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    metadata = out_dir / "metadata.jsonl"
+    try:
+        with open(metadata, encoding="utf-8") as f:
+            earlier = "scene" in json.loads(f.readline())
+    except (OSError, ValueError, TypeError):
+        earlier = False
+    if not earlier:
+        raise FileExistsError(
+            f"{out_dir} already holds files that are not a Shapes dataset, which writing one would overwrite "
+            "or mix with; choose a new or empty folder"
+        )
