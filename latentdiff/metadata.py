@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin
+
+from latentdiff.atomic import atomic_file
 
 RECORD_KEY = "latentdiff"  # the PNG text chunk holding the JSON record
 
@@ -48,14 +48,8 @@ def save_png(image: Image.Image, path: str | Path, record: dict[str, Any] | None
     for key in ("parameters", RECORD_KEY):
         if key in image.info:
             info.add_itxt(key, image.info[key])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        image.save(f, format="PNG", pnginfo=info)
     return path
 
 

@@ -258,6 +258,46 @@ def test_a_line_the_model_cannot_make_fails_alone(model, tmp_path, capsys, monke
         generate(prompts, "--model", model, "--out", out, *FAST)
 
 
+def test_a_full_disk_stops_the_run_and_resume_finishes_it(model, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import latentdiff.metadata
+
+    real_save = latentdiff.metadata.save_png
+    saved = []
+
+    def save_png(image, path, record=None):
+        if len(saved) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(path)
+        return real_save(image, path, record)
+
+    monkeypatch.setattr(latentdiff.metadata, "save_png", save_png)
+    out = tmp_path / "out"
+    args = ["-p", "p1", "-p", "p2", "-p", "p3", "--model", model, "--out", out, *FAST]
+    assert generate(*args) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot write {out / '00002-00-1-p2.png'}: No space left on device; stopped" in err
+    assert "rerun with --resume" in err and "Traceback" not in err
+    assert [r["file"] for r in manifest(out)] == ["00001-00-0-p1.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["00001-00-0-p1.png", "manifest.jsonl"]  # no temporaries
+    monkeypatch.setattr(latentdiff.metadata, "save_png", real_save)
+    assert generate(*args, "--resume") == 0
+    assert "made 2, skipped 1" in capsys.readouterr().err
+    assert [r["file"] for r in manifest(out)] == ["00001-00-0-p1.png", "00002-00-1-p2.png", "00003-00-2-p3.png"]
+
+
+def test_images_get_the_permissions_open_would_give(model, tmp_path):
+    """Written under a private temporary name first, they must not stay private (0600) once renamed."""
+    old = os.umask(0o022)
+    try:
+        assert generate("-p", "x", "--model", model, "--out", tmp_path / "out", *FAST) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert modes == {"00001-00-0-x.png": 0o644, "manifest.jsonl": 0o644}
+
+
 def test_hostile_prompt_stays_inside_out(model, tmp_path):
     out = tmp_path / "a" / "out"
     assert generate("-p", "../../../escape/CON\x00.png", "--model", model, "--out", out, *FAST) == 0

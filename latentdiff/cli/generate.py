@@ -18,7 +18,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -150,7 +149,7 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=pending, unit="img", disable=args.quiet or not main_process, desc="generating")
-    interrupted = False
+    interrupted, write_error = False, None
     generating = time.perf_counter()
     with _StopOnCtrlC() as stop:
         try:
@@ -185,7 +184,11 @@ def run(args) -> int:
                     continue
                 for t, image in zip(batch, images, strict=True):
                     if t in wanted:
-                        _save(out, part, t, image, model, model_hash, extra)
+                        try:
+                            _save(out, part, t, image, model, model_hash, extra)
+                        except OSError as e:  # a full disk, a folder made read-only: every next image would fail
+                            write_error = f"cannot write {out / t.file}: {e.strerror or e}"
+                            raise KeyboardInterrupt from None  # stop as an interruption does: what is written stays
                         counts["made"] += 1
                         bar.update(1)
         except KeyboardInterrupt:  # a second Ctrl-C: stop now; what was written is whole
@@ -195,11 +198,17 @@ def run(args) -> int:
     if state is not None and not interrupted:
         state.wait_for_everyone()
     if main_process and (world == 1 or not interrupted):
-        merge_manifest(out, tasks, model, model_hash)
+        try:
+            merge_manifest(out, tasks, model, model_hash)
+        except OSError:  # the parts it would merge stay, and --resume reads them
+            if write_error is None:
+                raise
         if args.grid and not interrupted:
             _write_grids(out, tasks)
     seconds = time.perf_counter() - started
-    _summary(counts, len(errors), seconds, time.perf_counter() - generating, interrupted, rank, world)
+    _summary(counts, len(errors), seconds, time.perf_counter() - generating, interrupted, rank, world, write_error)
+    if write_error is not None:
+        return 1
     if interrupted:
         return 130
     return 1 if errors or counts["failed"] else 0
@@ -323,14 +332,10 @@ def _save(out: Path, part: Path, task: Task, image, model: str, model_hash, extr
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from latentdiff.atomic import atomic_file
+
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def _write_grids(out: Path, tasks: list[Task]) -> None:
@@ -460,7 +465,7 @@ class _StopOnCtrlC:
         return False
 
 
-def _summary(counts: dict, bad_lines: int, seconds: float, busy: float, interrupted: bool, rank, world) -> None:
+def _summary(counts, bad_lines: int, seconds: float, busy: float, interrupted: bool, rank, world, write_error=None):
     """`seconds` is the whole wall time; s/image counts only the time spent making images."""
     who = f"[rank {rank}/{world}] " if world > 1 else ""
     per_image = f", {busy / counts['made']:.2f} s/image" if counts["made"] else ""
@@ -470,5 +475,8 @@ def _summary(counts: dict, bad_lines: int, seconds: float, busy: float, interrup
         f"{seconds:.1f} s{per_image}",
         file=sys.stderr,
     )
-    if interrupted:
+    if write_error is not None:
+        print(f"{who}error: {write_error}; stopped (the images written are whole and kept)", file=sys.stderr)
+        print(f"{who}make room or fix the folder, then rerun with --resume to finish", file=sys.stderr)
+    elif interrupted:
         print(f"{who}interrupted: rerun with --resume to finish", file=sys.stderr)
