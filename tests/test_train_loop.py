@@ -523,3 +523,40 @@ def test_an_output_dir_that_is_a_file_is_an_error_and_the_file_stays(model_dir, 
     assert run(model_dir, data_dir, tmp_path / "o" / "sub", steps=1) == 1
     assert f"cannot use --output-dir {tmp_path / 'o' / 'sub'}: Not a directory" in capsys.readouterr().err
     assert (tmp_path / "o").read_text() == "precious"
+
+
+def test_a_full_disk_is_named_and_the_checkpoints_before_stay(model_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """torch.save and safetensors report a short write in their own ways; both become one message."""
+    from safetensors import SafetensorError
+
+    out = tmp_path / "o"
+    real_save = torch.save
+
+    def torch_save(obj, path, *args, **kwargs):
+        if "checkpoint-2" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 14433536 vs 14433428")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", torch_save)
+    assert run(model_dir, data_dir, out, steps=3, every=1) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot write checkpoint-2 in {out} (" in err and "Traceback" not in err
+    assert "the complete checkpoints before it are kept: make room, then carry on with --resume latest" in err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "checkpoint"))) == ["checkpoint-1"]
+
+    def no_room(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    monkeypatch.setattr("latentdiff.folders.save_file", no_room)
+    assert run(model_dir, data_dir, out, "--resume", "latest", steps=3, every=0) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot write {out / 'final'} (no space left on its disk); any complete checkpoints" in err
+    assert not (out / "final").exists() and "Traceback" not in err
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr("latentdiff.folders.save_file", bug)
+    with pytest.raises(ValueError, match="a bug"):  # anything but a failed write keeps its traceback
+        run(model_dir, data_dir, out, "--resume", "latest", steps=3, every=0)

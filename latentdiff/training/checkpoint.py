@@ -12,10 +12,12 @@ import pickle
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from latentdiff.training.errors import TrainingError
@@ -109,18 +111,25 @@ def write_checkpoint(out_dir: Path, step: int, accelerator, write_shared, rng: d
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
     error = None
-    if accelerator.is_main_process:
-        try:
+    try:
+        torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
             write_shared(tmp)
-        except BaseException as e:  # noqa: B036 - the others must not wait forever at the barrier below
-            error = e
+    except BaseException as e:  # noqa: B036 - the others must not wait forever at the barrier below
+        error = e
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if error is not None:
+    if error is not None:
+        reason = write_failure(error, out_dir)  # before the clean-up frees the space it filled
+        if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        if reason is None:
             raise error
+        raise CheckpointError(
+            f"cannot write checkpoint-{step} in {out_dir} ({reason}); the complete checkpoints before it are "
+            "kept: make room, then carry on with --resume latest"
+        ) from None
+    if accelerator.is_main_process:
         if final.exists():  # a re-run over an old checkpoint of the same step: move it aside first
             old = out_dir / f".checkpoint-{step}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -132,6 +141,44 @@ def write_checkpoint(out_dir: Path, step: int, accelerator, write_shared, rng: d
         (final / MARKER).write_text(f"step {step}\n")
     accelerator.wait_for_everyone()
     return final
+
+
+def write_failure(error: BaseException, folder: Path) -> str | None:
+    """Why writing under `folder` failed, when `error` is a failed write (a full disk, no permission); else None.
+
+    Besides OSError, the writers report short writes their own way: torch.save's zip writer and safetensors
+    raise RuntimeError / SafetensorError.
+    """
+    text = str(error)
+    if isinstance(error, OSError):
+        return error.strerror or text
+    if "No space left on device" in text:  # safetensors' I/O error names its cause
+        return "no space left on its disk"
+    if not (
+        (isinstance(error, RuntimeError) and ("PytorchStreamWriter" in text or "unexpected pos" in text))
+        or (isinstance(error, SafetensorError) and "I/O error" in text)
+    ):
+        return None
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return text
+    return f"{free / 2**20:.0f} MiB free on its disk" if free < 2**30 else text
+
+
+@contextmanager
+def final_write(target: Path):
+    """Around writing a run's result: a failed write becomes a CheckpointError saying what to do."""
+    try:
+        yield
+    except Exception as e:  # only write failures become a message; anything else is re-raised as it was
+        reason = write_failure(e, target.parent)
+        if reason is None:
+            raise
+        raise CheckpointError(
+            f"cannot write {target} ({reason}); any complete checkpoints are kept: make room, then run again "
+            "with --resume latest"
+        ) from None
 
 
 def prune(out_dir: str | Path, keep: int | None) -> list[Path]:

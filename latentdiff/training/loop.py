@@ -223,7 +223,8 @@ def _train(args, accelerator, out_dir: Path, log, set_seed) -> dict:
             ema.copy_to_params()
         ckpt.assert_finite(trainable_state(models), "the final model")
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.save_dtype)
-        summary["final"] = str(export(models, out_dir / "final", name=out_dir.resolve().name, dtype=dtype))
+        with ckpt.final_write(out_dir / "final"):
+            summary["final"] = str(export(models, out_dir / "final", name=out_dir.resolve().name, dtype=dtype))
         if state.losses:
             from latentdiff.training.validation import save_losses
 

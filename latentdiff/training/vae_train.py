@@ -264,7 +264,8 @@ def train_vae(args, log=print) -> dict:
             )
         summary["scaling_factor"] = vae.config.scaling_factor
         summary["reconstruction_l1"] = reconstruction_error(vae, held_out)
-        summary["vae"] = str(save_vae(vae, out_dir / "vae"))
+        with ckpt.final_write(out_dir / "vae"):
+            summary["vae"] = str(save_vae(vae, out_dir / "vae"))
         _reconstruction_grid(vae, None, held_out, out_dir / "reconstructions.png")
         if state.losses:
             from latentdiff.training.validation import save_losses
