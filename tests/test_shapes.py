@@ -250,3 +250,25 @@ def test_speed_report():
         render(sample_scene(rng))
     rate = 200 / (time.perf_counter() - start)
     print(f"\nShapes: {rate:.0f} scenes sampled + rendered per second (64x64, one process)")
+
+
+def test_cli_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import latentdiff.data.shapes
+
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "s" / "000007.png"))
+
+    monkeypatch.setattr(latentdiff.data.shapes, "write_dataset", no_room)
+    assert main(["shapes", "--out", str(tmp_path / "s"), "--count", "9"]) == 1
+    err = capsys.readouterr().err
+    where = tmp_path / "s" / "000007.png"
+    assert err == f"latentdiff shapes: error: No space left on device ({where}); make room or fix the folder\n"
+
+    def bug(*args, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
+
+    monkeypatch.setattr(latentdiff.data.shapes, "write_dataset", bug)
+    with pytest.raises(FileNotFoundError):  # not a machine failure: a bug keeps its traceback
+        main(["shapes", "--out", str(tmp_path / "s"), "--count", "9"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 import tempfile
@@ -17,6 +18,10 @@ COMMANDS = {
     "samplers": "samplers",
     "reproduce": "reproduce",
 }
+
+
+# Failures of the machine, not of latentdiff: reported in one line, without a traceback.
+MACHINE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class UserError(Exception):
@@ -60,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"latentdiff {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in MACHINE_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"latentdiff {args.command}: error: {e.strerror}{where}; make room or fix the folder", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
