@@ -560,3 +560,17 @@ def test_a_full_disk_is_named_and_the_checkpoints_before_stay(model_dir, data_di
     monkeypatch.setattr("latentdiff.folders.save_file", bug)
     with pytest.raises(ValueError, match="a bug"):  # anything but a failed write keeps its traceback
         run(model_dir, data_dir, out, "--resume", "latest", steps=3, every=0)
+
+
+def test_a_full_disk_anywhere_else_is_one_line(model_dir, data_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import latentdiff.training.loop
+
+    def no_room(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "losses.csv"))
+
+    monkeypatch.setattr(latentdiff.training.loop, "train", no_room)
+    assert run(model_dir, data_dir, tmp_path / "o", steps=1) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: No space left on device ({tmp_path / 'o' / 'losses.csv'}); make room or fix the folder\n"

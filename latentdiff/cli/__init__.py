@@ -24,6 +24,14 @@ COMMANDS = {
 MACHINE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+def machine_error(error: OSError) -> str | None:
+    """The one-line message for a failure of the machine (full disk, no permission); None for anything else."""
+    if error.errno not in MACHINE_ERRORS:
+        return None
+    where = f" ({error.filename})" if error.filename else ""
+    return f"{error.strerror}{where}; make room or fix the folder"
+
+
 class UserError(Exception):
     """A mistake in the user's input: printed as one line, exit code 2, no traceback."""
 
@@ -66,10 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"latentdiff {args.command}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
-        if e.errno not in MACHINE_ERRORS:
+        if machine_error(e) is None:
             raise
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"latentdiff {args.command}: error: {e.strerror}{where}; make room or fix the folder", file=sys.stderr)
+        print(f"latentdiff {args.command}: error: {machine_error(e)}", file=sys.stderr)
         return 1
 
 

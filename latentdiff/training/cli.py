@@ -220,6 +220,7 @@ def main(argv=None) -> int:
         if n > 1:
             return relaunch(n, sys.argv[0], sys.argv[1:])
 
+    from latentdiff.cli import machine_error
     from latentdiff.training.errors import TrainingError
     from latentdiff.training.loop import train
 
@@ -227,6 +228,11 @@ def main(argv=None) -> int:
         summary = train(args)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk while writing logs, grids or losses
+        if machine_error(e) is None:
+            raise
+        print(f"error: {machine_error(e)}", file=sys.stderr)
         return 1
     if summary.get("final"):
         print(

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from latentdiff.cli import machine_error
 from latentdiff.training import checkpoint as ckpt
 from latentdiff.training.cli import check_numbers
 from latentdiff.training.errors import NonFiniteLossError, TrainingError
@@ -490,6 +491,11 @@ def main(argv=None) -> int:
         summary = train_vae(args)
     except (TrainingError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk while writing logs or grids
+        if machine_error(e) is None:
+            raise
+        print(f"error: {machine_error(e)}", file=sys.stderr)
         return 1
     if summary.get("vae"):
         print(
