@@ -59,8 +59,14 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
     for index_name in (f"{stem}.safetensors.index.json", f"{stem}.safetensors.index.fp16.json"):
         index = folder / index_name
         if index.is_file():
-            shards = sorted(set(read_json(index)["weight_map"].values()))
-            return [folder / s for s in shards]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+                raise ModelFolderError(f"{index} has no weight_map of tensor names to shard files")
+            shards = [folder / s for s in sorted(set(weight_map.values()))]
+            missing = [s.name for s in shards if not s.is_file()]
+            if missing:
+                raise ModelFolderError(f"{index} names shard files that are not there: {', '.join(missing)}")
+            return shards
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise ModelFolderError(

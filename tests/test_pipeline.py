@@ -369,6 +369,35 @@ DAMAGE = {
 }
 
 
+def test_sharded_weights_load_and_a_missing_shard_is_named(sd1, tmp_path):
+    """Big components come as shards plus an index (diffusers' and transformers' save_pretrained)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    sharded = shutil.copytree(sd1, tmp_path / "m")
+    unet = sharded / "unet"
+    state = load_file(unet / "diffusion_pytorch_model.safetensors")
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    keys = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        name = f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, str(unet / name))
+        weight_map |= dict.fromkeys(part, name)
+    index = unet / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    loaded = LatentDiffusionPipeline.from_pretrained(sharded).unet.state_dict()
+    assert sorted(loaded) == keys and all(torch.equal(loaded[k], state[k].float()) for k in keys)
+
+    (unet / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ValueError, match="names shard files that are not there: diffusion_pytorch_model-00002"):
+        LatentDiffusionPipeline.from_pretrained(sharded)
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match="index.json has no weight_map"):
+        LatentDiffusionPipeline.from_pretrained(sharded)
+
+
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_model_folder_is_named(sd1, tmp_path, damage):
     """Each is a ValueError naming the file and what is wrong: the CLI turns it into one line, exit 2."""
