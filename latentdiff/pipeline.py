@@ -22,6 +22,7 @@ from latentdiff.config import read_json, write_json
 from latentdiff.devices import check_device
 from latentdiff.metadata import attach
 from latentdiff.prompts import MAX_SEED
+from latentdiff.replay import Replay, Signature
 from latentdiff.samplers import SAMPLERS, make_sampler
 from latentdiff.schedules import ScheduleConfig
 from latentdiff.text import encode_prompts
@@ -61,6 +62,9 @@ class LatentDiffusionPipeline:
         self.source = source  # the folder it was loaded from, for the model hash
         self._model_hash: str | None = None
         self._context_cache: dict[tuple[str, int | None], torch.Tensor] = {}
+        # Repeated U-Net steps replayed from a TorchScript trace (replay.py): CPU, small U-Nets, same images.
+        self.trace_steps = True
+        self._replay = Replay()
 
     # ---- sizes -------------------------------------------------------------------------------------
     @property
@@ -254,7 +258,13 @@ class LatentDiffusionPipeline:
             size = sum(p.numel() for p in self.unet.parameters())
             workers = 1 if callback is not None else parallel.auto_workers(count, self.device, guided, size)
         threads = torch.get_num_threads()
-        if workers > 1 and count == 1 and guided:
+        latent = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        pair = workers > 1 and count == 1 and guided
+        parts = [(0, 1)] if pair else parallel.slices(count, max(1, min(workers, count)))
+        rows = 1 if pair or not guided else 2  # the rows of the text context each sample meets in one step
+        signatures = [Signature((b - a, *latent), (rows * (b - a), *context.shape[1:]), rows) for a, b in parts]
+        self._replay.prepare(self.unet, signatures, enabled=self.trace_steps and callback is None)
+        if pair:
             try:
                 pixels, processes = render(0, 1, progress, pair=True), 2
             except pairing.PartnerLost as error:
@@ -304,6 +314,9 @@ class LatentDiffusionPipeline:
         x_start = (x_start * schedule.init_noise_sigma).to(self.device, self.dtype)
         guided = guidance_scale > 1.0
 
+        def unet(sample, t, rows, repeats):
+            return self._replay.step(self.unet, sample, t, rows, repeats)
+
         def loop(role: int, exchange) -> torch.Tensor:
             # Reverse diffusion, with classifier-free guidance (Ho & Salimans 2022). The weights and the
             # context are fixed for the call: fused attention weights and the context's k, v are made once.
@@ -318,13 +331,13 @@ class LatentDiffusionPipeline:
                 for i, t in enumerate(timesteps):
                     model_in = schedule.scale_model_input(x, t)
                     if exchange is not None:
-                        out_uncond, out_cond = exchange(self.unet(model_in, t, rows), i)
+                        out_uncond, out_cond = exchange(unet(model_in, t, rows, 1), i)
                     elif guided:
-                        out_uncond, out_cond = self.unet(model_in, t, context, sample_repeats=2).chunk(2)
+                        out_uncond, out_cond = unet(model_in, t, context, 2).chunk(2)
                     if guided:
                         model_output = out_uncond + guidance_scale * (out_cond - out_uncond)
                     else:
-                        model_output = self.unet(model_in, t, context)
+                        model_output = unet(model_in, t, context, 1)
                     x = schedule.step(model_output, t, x, generators=generators)
                     if callback is not None and role == pairing.PARENT:
                         callback(i, t, x)
