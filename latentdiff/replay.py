@@ -5,7 +5,7 @@ torch, a few microseconds each (BENCHMARKS.md, session 18). A trace records the 
 runs at given shapes and replays them: the same kernels on the same shapes in the same order, so the same
 bits. That is checked on the first real step a trace takes; on any difference it is dropped for good and
 the step is the eager one. Making a trace costs about half a second, so one is made only when a call's
-shapes come back (the second pipeline call with them), on the CPU, for U-Nets up to 50M parameters.
+shapes keep coming back (the third pipeline call with them), on the CPU, for U-Nets up to 50M parameters.
 
 What a trace could get wrong, and the guard for each:
 - Weights changed in place (optimizer steps, LoRA merges, load_state_dict): seen, as the trace holds the
@@ -27,7 +27,7 @@ from torch import nn
 
 MAX_PARAMETERS = 50_000_000  # as workers.MAX_AUTO_PARAMETERS: on big layers Python is a rounding error
 KEEP = 4  # traces kept per pipeline: one per batch shape in use
-REPEATS_BEFORE_TRACING = 2  # the call that brings a shape back for the first time makes its trace
+REPEATS_BEFORE_TRACING = 3  # the third call with a shape makes its trace: it pays back after five or more
 
 
 class Signature(NamedTuple):

@@ -298,6 +298,26 @@ def test_images_get_the_permissions_open_would_give(model, tmp_path):
     assert modes == {"00001-00-0-x.png": 0o644, "manifest.jsonl": 0o644}
 
 
+def test_only_runs_long_enough_to_pay_for_a_trace_make_one(model, tmp_path, monkeypatch):
+    """Tracing a U-Net step (replay.py) costs about as much as five calls save."""
+    from latentdiff.cli.generate import MIN_CALLS_TO_TRACE
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    real_call, seen = LatentDiffusionPipeline.__call__, []
+
+    def call(self, prompts, **kwargs):
+        seen.append(self.trace_steps)
+        return real_call(self, prompts, **kwargs)
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "__call__", call)
+    short = [a for k in range(MIN_CALLS_TO_TRACE - 1) for a in ("-p", f"p{k}")]
+    assert generate(*short, "--model", model, "--out", tmp_path / "a", *FAST) == 0
+    assert seen == [False] * (MIN_CALLS_TO_TRACE - 1)
+    seen.clear()
+    assert generate(*short, "-p", "one more", "--model", model, "--out", tmp_path / "b", *FAST) == 0
+    assert seen == [True] * MIN_CALLS_TO_TRACE
+
+
 def test_hostile_prompt_stays_inside_out(model, tmp_path):
     out = tmp_path / "a" / "out"
     assert generate("-p", "../../../escape/CON\x00.png", "--model", model, "--out", out, *FAST) == 0

@@ -7,7 +7,7 @@ import torch
 
 from latentdiff import LatentDiffusionPipeline
 from latentdiff import workers as parallel
-from latentdiff.replay import Replay, Signature
+from latentdiff.replay import REPEATS_BEFORE_TRACING, Replay, Signature
 from latentdiff.testing.tiny import save_tiny_pipeline
 
 SIZE = 32
@@ -41,7 +41,7 @@ def test_replayed_calls_make_the_eager_images_to_the_bit(folder, guidance, sampl
     prompts = ["a red circle", "two blue stars"]
     expected = pixels(eager(prompts, **call))
     assert np.array_equal(pixels(replaying(prompts, **call)), expected) and good_traces(replaying) == []
-    for _ in range(2):  # the second call makes the trace and checks it on its first step, the third uses it
+    for _ in range(REPEATS_BEFORE_TRACING):  # one call makes the trace, checking it on its first step
         assert np.array_equal(pixels(replaying(prompts, **call)), expected)
     rows, side = (2 if guidance > 1 else 1), SIZE // replaying.vae_scale_factor
     assert good_traces(replaying) == [Signature((2, 4, side, side), (rows * 2, 77, 32), rows)]
@@ -54,11 +54,11 @@ def test_worker_processes_replay_the_traces_made_before_the_fork(folder):
     call = dict(CALL, guidance_scale=4.0, workers=2)
     prompts = ["a", "b", "c"]
     expected = pixels(eager(prompts, **call))
-    for _ in range(3):
+    for _ in range(REPEATS_BEFORE_TRACING + 1):
         assert np.array_equal(pixels(replaying(prompts, **call)), expected)
     assert sorted(s.sample[0] for s in replaying._replay.traces) == [1, 2]
     single = dict(CALL, guidance_scale=4.0, workers=2)  # one guided image: its two rows in two processes
-    for _ in range(3):
+    for _ in range(REPEATS_BEFORE_TRACING + 1):
         assert np.array_equal(pixels(replaying("a", **single)), pixels(eager("a", **single)))
     side = SIZE // replaying.vae_scale_factor
     assert Signature((1, 4, side, side), (1, 77, 32), 1) in good_traces(replaying)
@@ -77,13 +77,18 @@ def inputs(seed=0):
 SIG = Signature((1, 4, 8, 8), (2, 77, 32), 2)
 
 
+def prepare_until_traced(replay: Replay, unet) -> None:
+    for _ in range(REPEATS_BEFORE_TRACING - 1):
+        replay.prepare(unet, [SIG])
+        assert SIG not in replay.traces  # not seen often enough yet to be worth half a second
+    replay.prepare(unet, [SIG])
+    assert replay.traces[SIG] is not None
+
+
 def traced_replay(unet) -> Replay:
     replay = Replay()
     with torch.no_grad():
-        replay.prepare(unet, [SIG])
-        assert SIG not in replay.traces  # seen once: not worth half a second yet
-        replay.prepare(unet, [SIG])
-    assert replay.traces[SIG] is not None
+        prepare_until_traced(replay, unet)
     return replay
 
 
@@ -96,9 +101,7 @@ def test_weights_changed_in_place_are_seen_and_replaced_ones_drop_the_traces(une
     unet.conv_in.weight.add_(0.5)  # an optimizer step, a LoRA merge, load_state_dict: the same tensor
     assert torch.equal(replay.step(unet, x, t, context, 2), unet(x, t, context, sample_repeats=2))
     unet.conv_in.weight = torch.nn.Parameter(unet.conv_in.weight * 2)  # a new tensor the trace never saw
-    replay.prepare(unet, [SIG])
-    assert SIG not in replay.traces
-    replay.prepare(unet, [SIG])  # seen before, so traced again at once, on the new weights
+    prepare_until_traced(replay, unet)  # dropped, and traced again once the shapes keep coming
     assert torch.equal(replay.step(unet, x, t, context, 2), unet(x, t, context, sample_repeats=2))
 
 
@@ -106,23 +109,19 @@ def test_weights_changed_in_place_are_seen_and_replaced_ones_drop_the_traces(une
 def test_modules_swapped_hooked_or_switched_to_training_drop_the_traces(unet):
     replay = traced_replay(unet)
     unet.conv_out = torch.nn.Conv2d(unet.conv_out.in_channels, unet.conv_out.out_channels, 3, padding=1)
-    replay.prepare(unet, [SIG])
-    assert replay.traces == {}  # and the shapes must come back on the changed U-Net before a new trace
-    for _ in range(2):
-        replay.prepare(unet, [SIG])
+    prepare_until_traced(replay, unet)  # dropped: the shapes must keep coming on the changed U-Net
     unet.conv_in.forward = lambda x: torch.zeros_like(x)  # code patched in: the trace would not run it
     replay.prepare(unet, [SIG])
     assert replay.traces == {}
     del unet.conv_in.forward
     handle = unet.conv_in.register_forward_hook(lambda module, args, out: out * 0)
-    for _ in range(2):
+    for _ in range(REPEATS_BEFORE_TRACING):
         replay.prepare(unet, [SIG])
     assert replay.traces == {}  # a hook would have run once, while tracing: never traced
     handle.remove()
     unet.train()
-    for _ in range(2):
-        replay.prepare(unet, [SIG])
-    assert replay.traces.get(SIG) is not None and replay.fingerprint[0][0][2] is True
+    prepare_until_traced(replay, unet)
+    assert replay.fingerprint[0][0][2] is True
     x, t, context = inputs()
     assert torch.equal(replay.step(unet, x, t, context, 2), unet(x, t, context, sample_repeats=2))
 

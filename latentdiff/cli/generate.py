@@ -116,6 +116,9 @@ class Task:
         return {key: values[key] for key in MANIFEST_KEYS}
 
 
+MIN_CALLS_TO_TRACE = 8
+
+
 def run(args) -> int:
     started = time.perf_counter()
     source, jobs, errors = _read_jobs(args)
@@ -143,6 +146,8 @@ def run(args) -> int:
     mine = batches(tasks, args.batch_size)[rank::world]
     todo = [[t for t in batch if not _done(out, t, known, model, model_hash)] for batch in mine]
     pending = sum(len(b) for b in todo)
+    # A trace of the U-Net step (replay.py) costs about as much as five calls save: not for short runs.
+    pipe.trace_steps = sum(1 for b in todo if b) >= MIN_CALLS_TO_TRACE
     counts = {"made": 0, "skipped": sum(len(b) for b in mine) - pending, "failed": 0}
     part = out / f"manifest.rank{rank}.partial.jsonl"
 
