@@ -27,6 +27,7 @@ from torch import nn
 
 MAX_PARAMETERS = 50_000_000  # as workers.MAX_AUTO_PARAMETERS: on big layers Python is a rounding error
 KEEP = 4  # traces kept per pipeline: one per batch shape in use
+MAX_SEEN = 64  # shapes counted per pipeline
 REPEATS_BEFORE_TRACING = 3  # the third call with a shape makes its trace: it pays back after five or more
 
 
@@ -72,7 +73,9 @@ class Replay:
             self.checked.clear()
             self.seen.clear()
         for signature in dict.fromkeys(signatures):
-            self.seen[signature] = self.seen.get(signature, 0) + 1
+            self.seen[signature] = self.seen.pop(signature, 0) + 1  # re-inserted: the newest
+            while len(self.seen) > MAX_SEEN:  # a long-lived pipeline fed ever new sizes stays bounded
+                self.seen.pop(next(iter(self.seen)))
             if signature in self.traces:
                 self.traces.move_to_end(signature)
             elif self.seen[signature] >= REPEATS_BEFORE_TRACING:

@@ -152,3 +152,13 @@ def test_no_trace_with_autograd_on_or_when_switched_off(unet):
         for _ in range(3):
             replay.prepare(unet, [SIG], enabled=False)
     assert replay.traces == {}
+
+
+@torch.no_grad()
+def test_the_shapes_counted_stay_bounded(unet):
+    from latentdiff.replay import MAX_SEEN
+
+    replay = Replay()
+    sizes = [Signature((1, 4, 8, 8 + k), (2, 77, 32), 2) for k in range(MAX_SEEN + 6)]
+    replay.prepare(unet, sizes)
+    assert list(replay.seen) == sizes[-MAX_SEEN:] and replay.traces == {}
