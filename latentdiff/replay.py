@@ -12,7 +12,8 @@ What a trace could get wrong, and the guard for each:
   module's own tensors, and the fused attention weights and the text's k, v are computed inside it.
 - Weights or modules replaced, layers wrapped (peft), forward code patched, train/eval switched, a move
   to another dtype or device: the U-Net's fingerprint changes and every trace is dropped.
-- Hooks: a U-Net with any is never traced (the trace would have run them once, while tracing).
+- Hooks: a U-Net with any is never traced (the trace would have run them once, while tracing); nor a
+  torch.compile'd one.
 - Python branches: the forward code branches on shapes only, and a trace serves only its exact shapes.
 """
 
@@ -114,6 +115,8 @@ def _scalar(timestep) -> bool:
 def _traceable(unet: nn.Module) -> bool:
     """CPU, no autograd, a small U-Net, no hooks, and no inference cache open (its tensors would be baked in)."""
     if torch.is_grad_enabled() or not hasattr(torch.jit, "trace"):
+        return False
+    if hasattr(unet, "_orig_mod"):  # torch.compile'd: compiled code has no Python between ops already
         return False
     parameters = list(unet.parameters())
     if not parameters or parameters[0].device.type != "cpu" or sum(p.numel() for p in parameters) > MAX_PARAMETERS:

@@ -143,7 +143,7 @@ def test_a_trace_that_gives_other_bits_is_dropped_for_good(unet):
     assert torch.equal(replay.step(unet, x, t, context, 2), unet(x, t, context, sample_repeats=2))
 
 
-def test_no_trace_with_autograd_on_or_when_switched_off(unet):
+def test_no_trace_with_autograd_on_when_switched_off_or_compiled(unet):
     replay = Replay()
     for _ in range(3):
         replay.prepare(unet, [SIG])  # gradients on: a trace would record a graph to differentiate
@@ -151,6 +151,10 @@ def test_no_trace_with_autograd_on_or_when_switched_off(unet):
     with torch.no_grad():
         for _ in range(3):
             replay.prepare(unet, [SIG], enabled=False)
+        assert replay.traces == {}
+        compiled = torch.compile(unet)  # not run: compiling is not what is tested
+        for _ in range(3):
+            replay.prepare(compiled, [SIG])
     assert replay.traces == {}
 
 
