@@ -451,7 +451,7 @@ def _negatives(negative_prompt, count: int) -> list[str]:
 def _seeds(seed, count: int) -> list[int]:
     if seed is None:
         seed = random.SystemRandom().randrange(2**32)
-    seeds = [seed + k for k in range(count)] if _is_int(seed) else _as_list(seed)
+    seeds = [int(seed) + k for k in range(count)] if _is_int(seed) else _as_list(seed)  # int: numpy's would wrap
     if seeds is None or not all(_is_int(s) for s in seeds):
         raise TypeError(f"seed must be an int or a list of ints, got {seed!r}")
     if len(seeds) != count:

@@ -61,11 +61,16 @@ class Replay:
         # None: this signature's trace gave other bits than the eager step, never traced again
         self.traces: OrderedDict[Signature, torch.jit.ScriptModule | None] = OrderedDict()
         self.checked: set[Signature] = set()
+        self.active = False  # whether the coming call may replay: set by prepare
 
     def prepare(self, unet: nn.Module, signatures: list[Signature], enabled: bool = True) -> None:
-        """Count each signature of the coming call; trace those that came before. Traces go stale here."""
-        if not enabled or not _traceable(unet):
-            self.traces.clear()
+        """Count each signature of the coming call; trace those that came before. Traces go stale here.
+
+        With enabled=False the call runs eager and counts nothing, but the traces are kept for later calls.
+        """
+        self.active = False
+        if not _traceable(unet):
+            self.traces.clear()  # a hook or a device move may be undone later, but the traces would be stale
             return
         fingerprint = _fingerprint(unet)
         if unet is not self.unet or fingerprint != self.fingerprint:  # shapes must come back on this U-Net
@@ -73,6 +78,9 @@ class Replay:
             self.traces.clear()
             self.checked.clear()
             self.seen.clear()
+        if not enabled:
+            return
+        self.active = True
         for signature in dict.fromkeys(signatures):
             self.seen[signature] = self.seen.pop(signature, 0) + 1  # re-inserted: the newest
             while len(self.seen) > MAX_SEEN:  # a long-lived pipeline fed ever new sizes stays bounded
@@ -89,12 +97,12 @@ class Replay:
         self, unet: nn.Module, sample: torch.Tensor, timestep, context: torch.Tensor, repeats: int
     ) -> torch.Tensor:
         """unet(sample, timestep, context, sample_repeats=repeats), from the trace when there is a good one."""
-        traced = self.traces.get(Signature(tuple(sample.shape), tuple(context.shape), repeats))
+        signature = Signature(tuple(sample.shape), tuple(context.shape), repeats)
+        traced = self.traces.get(signature) if self.active else None
         if traced is None or unet is not self.unet or not _scalar(timestep):
             return unet(sample, timestep, context, sample_repeats=repeats)
         # The U-Net turns any timestep into float32 first, so converting it here changes nothing.
         t = torch.as_tensor(timestep, dtype=torch.float32)
-        signature = Signature(tuple(sample.shape), tuple(context.shape), repeats)
         if signature in self.checked:
             with torch.jit.optimized_execution(False):  # the recorded ops as they are: no graph rewrites
                 return traced(sample, t, context)

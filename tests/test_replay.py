@@ -151,7 +151,14 @@ def test_no_trace_with_autograd_on_when_switched_off_or_compiled(unet):
     with torch.no_grad():
         for _ in range(3):
             replay.prepare(unet, [SIG], enabled=False)
-        assert replay.traces == {}
+        assert replay.traces == {} and replay.seen == {}  # switched off: not even counted
+        prepare_until_traced(replay, unet)
+        replay.prepare(unet, [SIG], enabled=False)  # one call with a callback, say: eager, traces kept
+        x, t, context = inputs()
+        assert not replay.active and replay.traces[SIG] is not None
+        assert torch.equal(replay.step(unet, x, t, context, 2), unet(x, t, context, sample_repeats=2))
+        assert SIG not in replay.checked  # the step was eager: the trace did not run
+        replay.traces.clear()
         compiled = torch.compile(unet)  # not run: compiling is not what is tested
         for _ in range(3):
             replay.prepare(compiled, [SIG])

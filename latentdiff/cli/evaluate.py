@@ -38,8 +38,10 @@ def read_manifest(folder: Path) -> tuple[list[str], list[str]]:
     files, prompts = [], []
     try:
         text = read_text(manifest)
-    except (OSError, NotTextError) as e:
-        raise UserError(f"cannot read {manifest}: {e}") from None
+    except NotTextError as e:  # names the file already
+        raise UserError(str(e)) from None
+    except OSError as e:
+        raise UserError(f"cannot read {manifest}: {e.strerror or e}") from None
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
