@@ -443,6 +443,17 @@ def test_info_and_samplers(model, tmp_path, capsys):
     assert "steps" in text and "height          16" in text
     assert main(["info", str(tmp_path / "nope")]) == 2
     assert "model folder not found" in capsys.readouterr().err
+    damaged = shutil.copytree(model, tmp_path / "damaged")
+    (damaged / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage!" * 4)
+    (damaged / "scheduler" / "scheduler_config.json").write_text("{bad")
+    assert main(["info", str(damaged)]) == 1  # shown as far as it can be, then what is wrong
+    text = capsys.readouterr().out
+    assert "vae" in text and text.split("problems (loading this folder will fail on them)\n")[1].splitlines() == [
+        f"  {damaged / 'unet' / 'diffusion_pytorch_model.safetensors'}: not a readable safetensors file (its header "
+        "claims 2406443243860549991 bytes, more than the file holds)",
+        f"  {damaged / 'scheduler' / 'scheduler_config.json'}: not valid JSON (Expecting property name enclosed in "
+        "double quotes: line 1 column 2 (char 1))",
+    ]
     assert main(["samplers"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert names == ["ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m"]

@@ -17,7 +17,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from latentdiff import folders
-    from latentdiff.pipeline import BUNDLED_MODEL, FALLBACK_DEFAULTS
+    from latentdiff.config import read_json
+    from latentdiff.pipeline import BUNDLED_MODEL, FALLBACK_DEFAULTS, check_defaults
 
     root = Path(args.model) if args.model else BUNDLED_MODEL
     try:
@@ -25,8 +26,22 @@ def run(args) -> int:
     except folders.ModelFolderError as e:
         hint = "" if args.model else " (the bundled model is not in this checkout; pass a model folder)"
         raise UserError(f"{e}{hint}") from None
-    index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
-    stored = folders.read_defaults(root)
+    problems: list[str] = []  # a damaged folder is shown as far as it can be, then what is wrong with it
+
+    def read(path: Path, read_file) -> dict:
+        try:
+            return read_file(path)
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
+            return {}
+
+    index = read(root / "model_index.json", read_json)
+    stored = read(root, folders.read_defaults)
+    try:
+        check_defaults(stored.get("defaults") or {}, f"{root / folders.DEFAULTS_FILE}: defaults")
+    except ValueError as e:
+        problems.append(str(e))
+        stored = {**stored, "defaults": {}, "invalid": True}
     print(f"model   {stored.get('name') or root.resolve().name}")
     print(f"folder  {root.resolve()}")
     if not args.no_hash:
@@ -37,7 +52,7 @@ def run(args) -> int:
     for name in folders.COMPONENTS:
         library_class = index.get(name) or [None, "?"]
         folder = root / name
-        params, dtypes = _count_parameters(folder)
+        params, dtypes = _count_parameters(folder, problems)
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
         total_params += params
         total_bytes += size
@@ -46,40 +61,56 @@ def run(args) -> int:
         print(f"{name:<13} {library_class[1] or '-':<30} {shown:>12}  {dtype:<9} {_size(size)}")
     print(f"{'total':<13} {'':<30} {total_params:>12,}  {'':<9} {_size(total_bytes)}")
 
-    defaults = {**FALLBACK_DEFAULTS, **stored.get("defaults", {})}
+    defaults = {**FALLBACK_DEFAULTS, **(stored.get("defaults") or {})}
     if "height" not in defaults or "width" not in defaults:
         native = _native_size(root)
         if native:
             defaults.setdefault("height", native)
             defaults.setdefault("width", native)
-    print("\ndefaults" + ("" if stored.get("defaults") else f" (none stored in {folders.DEFAULTS_FILE}; latentdiff's)"))
+    which = "invalid ones" if stored.get("invalid") else "none"
+    note = "" if stored.get("defaults") else f" ({which} stored in {folders.DEFAULTS_FILE}; latentdiff's)"
+    print("\ndefaults" + note)
     for key in sorted(defaults):
         print(f"  {key:<15} {defaults[key]}")
     scheduler = root / "scheduler" / "scheduler_config.json"
-    if scheduler.is_file():
-        config = json.loads(scheduler.read_text(encoding="utf-8"))
+    config = read(scheduler, read_json) if scheduler.is_file() else {}
+    if config:
         keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
         print("\nschedule")
         for key in keys:
             if key in config:
                 print(f"  {key:<20} {config[key]}")
+    if problems:
+        print("\nproblems (loading this folder will fail on them)")
+        for problem in problems:
+            print(f"  {problem}")
+        return 1
     return 0
 
 
-def _count_parameters(folder: Path) -> tuple[int, set[str]]:
-    """Parameters and dtypes from the safetensors headers alone (no tensor is read)."""
+def _count_parameters(folder: Path, problems: list[str]) -> tuple[int, set[str]]:
+    """Parameters and dtypes from the safetensors headers alone (no tensor is read); bad files to `problems`."""
     count, dtypes = 0, set()
     if not folder.is_dir():
         return count, dtypes
     for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        for key, entry in header.items():
-            if key != "__metadata__":
-                count += math.prod(entry["shape"])
-                dtypes.add(entry["dtype"])
+        try:
+            header = _header(path)
+            entries = [entry for key, entry in header.items() if key != "__metadata__"]
+            count += sum(math.prod(entry["shape"]) for entry in entries)
+            dtypes.update(entry["dtype"] for entry in entries)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
+            problems.append(f"{path}: not a readable safetensors file ({e or type(e).__name__})")
     return count, dtypes
+
+
+def _header(path: Path) -> dict:
+    """The JSON header of a safetensors file: 8 bytes of length, then that many bytes of JSON."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > path.stat().st_size - 8:  # garbage would otherwise ask for gigabytes
+            raise ValueError(f"its header claims {length} bytes, more than the file holds")
+        return json.loads(f.read(length))
 
 
 def _native_size(root: Path) -> int | None:
