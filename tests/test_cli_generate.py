@@ -318,6 +318,30 @@ def test_only_runs_long_enough_to_pay_for_a_trace_make_one(model, tmp_path, monk
     assert seen == [True] * MIN_CALLS_TO_TRACE
 
 
+def test_a_merge_holds_the_manifest_alone(tmp_path):
+    """Two runs may share OUT (the default folder, two terminals): an append waits while a merge reads the
+    parts, rewrites the manifest and deletes the parts, so no line falls in between."""
+    import threading
+
+    from latentdiff.cli.generate import _manifest_lock
+
+    appended = threading.Event()
+
+    def append():
+        with _manifest_lock(tmp_path, exclusive=False):
+            appended.set()
+
+    with _manifest_lock(tmp_path, exclusive=True):
+        other = threading.Thread(target=append)
+        other.start()
+        assert not appended.wait(0.3)  # blocked by the merge
+    assert appended.wait(10)
+    other.join()
+    with _manifest_lock(tmp_path, exclusive=False), _manifest_lock(tmp_path, exclusive=False):
+        pass  # appends share it
+    assert list(tmp_path.iterdir()) == []  # no lock file left behind
+
+
 def test_hostile_prompt_stays_inside_out(model, tmp_path):
     out = tmp_path / "a" / "out"
     assert generate("-p", "../../../escape/CON\x00.png", "--model", model, "--out", out, *FAST) == 0

@@ -13,6 +13,7 @@ image's own seed and settings, so the batching and the split never change an ima
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -313,15 +314,36 @@ def _done(out: Path, task: Task, known: dict, model: str, model_hash: str | None
 
 
 def merge_manifest(out: Path, tasks: list[Task], model: str, model_hash: str | None) -> None:
-    """Rewrite OUT/manifest.jsonl: earlier runs' images first, then this run's in run order; drop parts."""
-    known = read_manifest(out)
-    ours = {t.file for t in tasks}
-    lines = [r for f, r in known.items() if f not in ours and (out / f).is_file()]
-    lines += [known[t.file] for t in tasks if _done(out, t, known, model, model_hash)]
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines)
-    _write_atomically(out / MANIFEST, text.encode("utf-8"))
-    for part in out.glob("manifest.rank*.partial.jsonl"):
-        part.unlink(missing_ok=True)
+    """Rewrite OUT/manifest.jsonl: earlier runs' images first, then this run's in run order; drop parts.
+
+    Another run may share OUT (two terminals, the default folder): the lock keeps its appends out of the
+    gap between reading the parts and deleting them, and its merge from overwriting this one.
+    """
+    with _manifest_lock(out, exclusive=True):
+        known = read_manifest(out)
+        ours = {t.file for t in tasks}
+        lines = [r for f, r in known.items() if f not in ours and (out / f).is_file()]
+        lines += [known[t.file] for t in tasks if _done(out, t, known, model, model_hash)]
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines)
+        _write_atomically(out / MANIFEST, text.encode("utf-8"))
+        for part in out.glob("manifest.rank*.partial.jsonl"):
+            part.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _manifest_lock(out: Path, exclusive: bool):
+    """flock on OUT itself (no lock file left behind): appends share it, a merge holds it alone."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; runs sharing a folder there are not serialised
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _save(out: Path, part: Path, task: Task, image, model: str, model_hash, extra: dict) -> None:
@@ -330,7 +352,9 @@ def _save(out: Path, part: Path, task: Task, image, model: str, model_hash, extr
     record = read_record(image)
     record |= {"line": task.line, "index": task.index, "file": task.file, **extra}
     save_png(image, out / task.file, record)
-    with open(part, "a", encoding="utf-8") as f:  # after the PNG: a listed file is always whole
+    # After the PNG, so a listed file is always whole; under the shared lock, so no merge deletes the part
+    # between reading it and this line.
+    with _manifest_lock(out, exclusive=False), open(part, "a", encoding="utf-8") as f:
         f.write(json.dumps(task.manifest_record(model, model_hash), ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
