@@ -342,6 +342,16 @@ def test_a_merge_holds_the_manifest_alone(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no lock file left behind
 
 
+def test_warnings_are_one_line_for_the_user(model, tmp_path):
+    """Not `.../torch/utils/_contextlib.py:124: UserWarning: ...` and the library's source line."""
+    prompt = " ".join(["word"] * 100)  # longer than the text encoder's window: truncated with a warning
+    argv = [sys.executable, "-m", "latentdiff", "generate", "-p", prompt, "--model", str(model)]
+    argv += ["--out", str(tmp_path / "out"), *FAST]
+    err = subprocess.run(argv, capture_output=True, text=True, check=True).stderr.splitlines()
+    assert err[0].startswith("latentdiff generate: warning: prompt is longer than the text encoder's")
+    assert len(err) == 2 and err[1].startswith("made 1, skipped 0, failed 0")
+
+
 def test_hostile_prompt_stays_inside_out(model, tmp_path):
     out = tmp_path / "a" / "out"
     assert generate("-p", "../../../escape/CON\x00.png", "--model", model, "--out", out, *FAST) == 0

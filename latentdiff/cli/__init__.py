@@ -7,6 +7,7 @@ import errno
 import importlib
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 # sub-command -> module under latentdiff.cli; imported only when used, so start-up stays fast.
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         sub = subparsers.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         module.add_arguments(sub)
     args = parser.parse_args(argv)
+    plain = warnings.formatwarning
+    # A warning is for the user of the command: one line, not the library line that raised it.
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"latentdiff {args.command}: warning: {message}\n"
     try:
         return int(modules[args.command].run(args) or 0)
     except UserError as e:
@@ -78,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"latentdiff {args.command}: error: {machine_error(e)}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = plain
 
 
 if __name__ == "__main__":
