@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import sys
@@ -31,6 +32,17 @@ def machine_error(error: OSError) -> str | None:
         return None
     where = f" ({error.filename})" if error.filename else ""
     return f"{error.strerror}{where}; make room or fix the folder"
+
+
+@contextlib.contextmanager
+def one_line_warnings(prefix: str):
+    """Warnings shown as `{prefix}warning: message`: for the user of a command, not the library line that warned."""
+    plain = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"{prefix}warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = plain
 
 
 class UserError(Exception):
@@ -66,11 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         sub = subparsers.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         module.add_arguments(sub)
     args = parser.parse_args(argv)
-    plain = warnings.formatwarning
-    # A warning is for the user of the command: one line, not the library line that raised it.
-    warnings.formatwarning = lambda message, category, *rest, **kw: f"latentdiff {args.command}: warning: {message}\n"
     try:
-        return int(modules[args.command].run(args) or 0)
+        with one_line_warnings(f"latentdiff {args.command}: "):
+            return int(modules[args.command].run(args) or 0)
     except UserError as e:
         print(f"latentdiff {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -82,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"latentdiff {args.command}: error: {machine_error(e)}", file=sys.stderr)
         return 1
-    finally:
-        warnings.formatwarning = plain
 
 
 if __name__ == "__main__":

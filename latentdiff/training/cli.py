@@ -220,12 +220,13 @@ def main(argv=None) -> int:
         if n > 1:
             return relaunch(n, sys.argv[0], sys.argv[1:])
 
-    from latentdiff.cli import machine_error
+    from latentdiff.cli import machine_error, one_line_warnings
     from latentdiff.training.errors import TrainingError
     from latentdiff.training.loop import train
 
     try:
-        summary = train(args)
+        with one_line_warnings(""):
+            summary = train(args)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from latentdiff.cli import machine_error
+from latentdiff.cli import machine_error, one_line_warnings
 from latentdiff.training import checkpoint as ckpt
 from latentdiff.training.cli import check_numbers
 from latentdiff.training.errors import NonFiniteLossError, TrainingError
@@ -488,7 +488,8 @@ def main(argv=None) -> int:
     if args.ema is not None and not 0.0 < args.ema < 1.0:
         parser.error(f"--ema decay must be in (0, 1), got {args.ema}")
     try:
-        summary = train_vae(args)
+        with one_line_warnings(""):
+            summary = train_vae(args)
     except (TrainingError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
