@@ -574,3 +574,14 @@ def test_a_full_disk_anywhere_else_is_one_line(model_dir, data_dir, tmp_path, ca
     assert run(model_dir, data_dir, tmp_path / "o", steps=1) == 1
     err = capsys.readouterr().err
     assert err == f"error: No space left on device ({tmp_path / 'o' / 'losses.csv'}); make room or fix the folder\n"
+
+
+def test_training_warnings_are_one_line_for_the_user():
+    import warnings
+
+    from latentdiff.cli import one_line_warnings
+
+    plain = warnings.formatwarning
+    with one_line_warnings(""):
+        shown = warnings.formatwarning("skipped 1 unusable file(s)", UserWarning, "/x/loop.py", 98, "line")
+    assert shown == "warning: skipped 1 unusable file(s)\n" and warnings.formatwarning is plain
