@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from latentdiff.cli import UserError, prepare_out
@@ -124,13 +123,19 @@ def run(args) -> int:
     else:
         if args.images_per_prompt < 1 or args.batch_size < 1:
             raise UserError("--images-per-prompt and --batch-size must be at least 1")
-        if args.steps is not None and args.steps < 1:
-            raise UserError(f"--steps must be at least 1, got {args.steps}")
-        if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
-            raise UserError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+        from latentdiff.prompts import check_value, sampler_names
+
+        try:  # the range rules of generate's options and prompt lines
+            for field, value, name in (
+                ("steps", args.steps, "--steps"),
+                ("guidance_scale", args.guidance_scale, "--guidance-scale"),
+            ):
+                if value is not None:
+                    check_value(field, value, name)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if args.seed < 0:
             raise UserError(f"--seed must not be negative, got {args.seed}")
-        from latentdiff.prompts import sampler_names
 
         if args.sampler is not None and args.sampler not in sampler_names():
             raise UserError(f"unknown --sampler {args.sampler!r}; choose one of {', '.join(sampler_names())}")
