@@ -585,3 +585,23 @@ def test_training_warnings_are_one_line_for_the_user():
     with one_line_warnings(""):
         shown = warnings.formatwarning("skipped 1 unusable file(s)", UserWarning, "/x/loop.py", 98, "line")
     assert shown == "warning: skipped 1 unusable file(s)\n" and warnings.formatwarning is plain
+
+
+class _Peer:
+    """The main process of two, whose other process reports (through the reduce) that its write failed."""
+
+    is_main_process, process_index, device = True, 0, torch.device("cpu")
+
+    def wait_for_everyone(self):
+        pass
+
+    def reduce(self, tensor, reduction):
+        assert reduction == "sum"
+        return tensor + 1
+
+
+def test_a_checkpoint_another_process_failed_to_write_is_not_marked_complete(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="another process failed to write its part"):
+        ckpt.write_checkpoint(tmp_path, 5, _Peer(), lambda folder: (folder / "weights").write_text("w"), {"a": 1})
+    assert list(tmp_path.iterdir()) == []  # neither checkpoint-5 nor its temporary folder
+    assert ckpt.complete_checkpoints(tmp_path) == []

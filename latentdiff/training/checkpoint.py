@@ -118,11 +118,18 @@ def write_checkpoint(out_dir: Path, step: int, accelerator, write_shared, rng: d
             write_shared(tmp)
     except BaseException as e:  # noqa: B036 - the others must not wait forever at the barrier below
         error = e
-    accelerator.wait_for_everyone()
-    if error is not None:
-        reason = write_failure(error, out_dir)  # before the clean-up frees the space it filled
+    # every process learns whether any failed (a collective, so also the barrier): the main one must not
+    # mark a checkpoint complete that lacks another process's RNG state, and none may run on alone
+    failed = accelerator.reduce(torch.tensor(int(error is not None), device=accelerator.device), reduction="sum")
+    if int(failed) > 0:
+        reason = write_failure(error, out_dir) if error is not None else None  # before the clean-up frees space
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        if error is None:
+            raise CheckpointError(
+                f"cannot write checkpoint-{step} in {out_dir}: another process failed to write its part (its "
+                "own error says why); the complete checkpoints before it are kept: carry on with --resume latest"
+            )
         if reason is None:
             raise error
         raise CheckpointError(
