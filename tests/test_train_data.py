@@ -55,7 +55,8 @@ def test_kohya_folder_pairs_images_with_same_stem_captions(tmp_path):
         "img2.png": "caption 2",
         "deep.jpg": "a deep one",
     }
-    assert found.bad_files == []
+    # a caption whose image is gone is named in the warning, not dropped in silence
+    assert found.bad_files == [(data / "orphan.txt", "caption without an image of the same name")]
 
 
 def test_metadata_jsonl_folder(tmp_path):
@@ -355,3 +356,82 @@ def test_background_mix_parses_and_names_its_mistakes():
     for spec, words in [("grey=2", "not BACKGROUND=WEIGHT.*white, black, gray"), ("gray=x", "must be a number")]:
         with pytest.raises(DataError, match=f"--background-mix '{spec}'.*{words}"):
             parse_background_mix(spec)
+
+
+def test_float_images_in_0_to_1_become_full_range(tmp_path):
+    a = np.linspace(0.0, 1.0, 16, dtype=np.float32).reshape(4, 4)
+    Image.fromarray(a).save(tmp_path / "f.tif")
+    out = np.asarray(open_rgb(tmp_path / "f.tif"))
+    assert out[0, 0, 0] == 0 and out[-1, -1, 0] == 255
+    assert to_rgb(Image.fromarray(np.full((2, 2), 200.0, dtype=np.float32))).getpixel((0, 0)) == (200, 200, 200)
+
+
+# ---- what a scan must not drop in silence ----------------------------------------------------------------
+def test_metadata_captions_that_are_not_text_are_skipped_with_the_row(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    rows = [("a", ["a cat", "a dog"]), ("b", {"en": "a cat"}), ("c", 123), ("d", True), ("e", "fine")]
+    for name, _ in rows:
+        _png(data / f"{name}.png")
+    (data / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{n}.png", "text": t}) + "\n" for n, t in rows)
+    )
+    found = find_examples(data)
+    assert [(ex.path.name, ex.caption) for ex in found.examples] == [("e.png", "fine")]
+    assert [(p.name, why) for p, why in found.bad_files] == [
+        ("a.png", "metadata.jsonl row 1: the 'text' is a list, not a string"),
+        ("b.png", "metadata.jsonl row 2: the 'text' is a dict, not a string"),
+        ("c.png", "metadata.jsonl row 3: the 'text' is a int, not a string"),
+        ("d.png", "metadata.jsonl row 4: the 'text' is a bool, not a string"),
+    ]
+
+
+def test_a_caption_column_in_no_row_is_named(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    _png(data / "a.png")
+    (data / "metadata.jsonl").write_text('{"file_name": "a.png", "caption": "x"}\n')
+    with pytest.raises(DataError, match=r"no row of .*metadata.jsonl has a 'text' column \(columns: \['caption', "):
+        find_examples(data)
+    with pytest.warns(UserWarning, match="set --caption-column"):  # allowed, but most likely a typo
+        assert [ex.caption for ex in find_examples(data, "empty").examples] == [""]
+    assert [ex.caption for ex in find_examples(data, caption_column="caption").examples] == ["x"]
+
+
+@pytest.mark.parametrize("extension", ["caption", ".caption", ".CAPTION", " caption "])
+def test_caption_extension_with_or_without_dot_or_capitals(tmp_path, extension):
+    data = tmp_path / "d"
+    data.mkdir()
+    _png(data / "a.png")
+    (data / "a.caption").write_text("x")
+    assert [ex.caption for ex in find_examples(data, caption_extension=extension).examples] == ["x"]
+    with pytest.raises(DataError, match="--caption-extension '.' is empty"):
+        find_examples(data, caption_extension=".")
+
+
+def test_the_runs_own_output_folder_inside_the_data_is_not_read(tmp_path):
+    data = _kohya(tmp_path / "d", n=2)
+    (data / "run").mkdir()
+    _png(data / "run" / "loss_curve.png")
+    assert len(find_examples(data, "empty").examples) == 3
+    assert [ex.path.name for ex in find_examples(data, skip=data / "run").examples] == ["img0.png", "img1.png"]
+
+
+def test_symlinked_folders_are_read_and_broken_links_named(tmp_path):
+    data = _kohya(tmp_path / "d", n=1)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    _png(outside / "y.png")
+    (outside / "y.txt").write_text("linked")
+    (data / "linked").symlink_to(outside)
+    (data / "loop").symlink_to(data)  # followed once, not forever
+    (data / "broken.png").symlink_to(tmp_path / "gone.png")
+    (data / "broken.txt").write_text("its image is a dangling link")
+    found = find_examples(data)
+    assert sorted((ex.path.name, ex.caption) for ex in found.examples) == [
+        ("img0.png", "caption 0"),
+        ("y.png", "linked"),
+    ]
+    assert [(p.name, why) for p, why in found.bad_files] == [
+        ("broken.png", f"broken symbolic link (to {tmp_path / 'gone.png'})")
+    ]

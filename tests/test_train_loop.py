@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -311,6 +312,10 @@ def test_resume_errors_and_fresh_start(model_dir, data_dir, tmp_path, capsys):
     assert "no such checkpoint folder" in err and "Traceback" not in err
     assert run(model_dir, data_dir, out, "--resume", "latest", steps=1) == 0
     assert "no checkpoint in" in capsys.readouterr().out  # ... starting fresh
+    # that run finished without checkpoints: a second fresh start would overwrite its model
+    assert run(model_dir, data_dir, out, "--resume", "latest", steps=1, every=1) == 1
+    assert f"already holds the model of a finished run ({out / 'final'}) and no checkpoint" in capsys.readouterr().err
+    shutil.rmtree(out / "final")
     assert run(model_dir, data_dir, out, "--resume", "latest", steps=1, every=1) == 0
     assert run(model_dir, data_dir, out, "--lora-rank", "2", "--resume", "latest", steps=2) == 1
     assert "does not match" in capsys.readouterr().err
@@ -605,3 +610,65 @@ def test_a_checkpoint_another_process_failed_to_write_is_not_marked_complete(tmp
         ckpt.write_checkpoint(tmp_path, 5, _Peer(), lambda folder: (folder / "weights").write_text("w"), {"a": 1})
     assert list(tmp_path.iterdir()) == []  # neither checkpoint-5 nor its temporary folder
     assert ckpt.complete_checkpoints(tmp_path) == []
+
+
+def test_a_fresh_start_never_overwrites_an_earlier_run(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert run(model_dir, data_dir, out, steps=2, every=2) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix == ".safetensors"}
+    assert run(model_dir, data_dir, out, "--keep-checkpoints", "1", steps=2, every=1) == 1
+    err = capsys.readouterr().err
+    assert f"--output-dir {out} already holds a run (checkpoint-2, 1 checkpoint(s) in all)" in err
+    assert "continue it with --resume latest, or choose another --output-dir" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix == ".safetensors"} == before
+
+
+def test_resuming_with_another_lora_rank_names_the_shapes(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert run(model_dir, data_dir, out, "--lora-rank", "2", steps=1, every=1) == 0
+    assert run(model_dir, data_dir, out, "--lora-rank", "4", "--resume", "latest", steps=2) == 1
+    err = capsys.readouterr().err
+    assert "does not match this run's trained parameters (was it made with other --lora-rank" in err
+    assert "tensor(s) of another shape, e.g. unet." in err and "Traceback" not in err
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpoint_kept(model_dir, data_dir, tmp_path, capsys, monkeypatch):
+    real = ckpt.write_checkpoint
+
+    def write_then_interrupt(out_dir, step, *args):
+        path = real(out_dir, step, *args)
+        if step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", write_then_interrupt)
+    out = tmp_path / "o"
+    assert run(model_dir, data_dir, out, steps=4, every=1) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; {out / 'checkpoint-2'} is the newest complete checkpoint: carry on with --resume" in err
+    assert "Traceback" not in err
+    monkeypatch.setattr(ckpt, "write_checkpoint", real)
+    assert run(model_dir, data_dir, out, "--resume", "latest", steps=4, every=1) == 0
+
+
+def test_options_that_do_nothing_alone_are_refused(model_dir, data_dir, tmp_path, capsys):
+    for extra, message in [
+        (["--validation-prompts", "a cat"], "--validation-prompts does nothing without --validate-every"),
+        (["--text-encoder-lr", "1e-3"], "--text-encoder-lr does nothing without --train-text-encoder"),
+        (["--lora-alpha", "8"], "--lora-alpha does nothing without --lora-rank"),
+        (["--keep-checkpoints", "2"], "--keep-checkpoints does nothing without --checkpoint-every"),
+    ]:
+        with pytest.raises(SystemExit):
+            run(model_dir, data_dir, tmp_path / "o", *extra, steps=1)
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert run(model_dir, data_dir, out, steps=2, every=2) == 0
+    capsys.readouterr()
+    assert run(model_dir, data_dir, out, "--resume", "latest", steps=1) == 0
+    printed = capsys.readouterr().out
+    assert "the checkpoint is at step 2, not below --max-steps 1: nothing to train; writing its model" in printed
+    assert "done: 2 steps, no steps this run, 0 non-finite steps skipped" in printed and "nan" not in printed

@@ -174,3 +174,15 @@ def test_user_errors(config_file, tmp_path, capsys):
     (tmp_path / "g").write_text("precious")
     assert run(config_file, tmp_path / "g", "--max-steps", "1") == 1
     assert "is a file, not a folder" in capsys.readouterr().err and (tmp_path / "g").read_text() == "precious"
+
+
+def test_resume_or_fresh_start_over_another_run(config_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert run(config_file, out, "--max-steps", "2", "--checkpoint-every", "2") == 0
+    assert run(config_file, out, "--max-steps", "2") == 1  # would overwrite checkpoint-2 and vae/
+    assert f"--output-dir {out} already holds a run (checkpoint-2" in capsys.readouterr().err
+    wider = tmp_path / "wider.json"
+    wider.write_text(json.dumps({"vae": {**TINY, "latent_channels": 8}}))  # same names, other shapes
+    assert run(wider, out, "--max-steps", "3", "--resume", "latest") == 1
+    err = capsys.readouterr().err
+    assert "does not match this VAE (was it made with another --config?)" in err and "another shape" in err

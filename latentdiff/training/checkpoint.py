@@ -209,8 +209,12 @@ def remove_stale_temporaries(out_dir: str | Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def prepare_output_dir(out_dir: Path, resume: str | None, accelerator, log) -> Path | None:
-    """Create `out_dir`, clear a killed run's temporaries (main process); the checkpoint to resume from, or None."""
+def prepare_output_dir(out_dir: Path, resume: str | None, accelerator, log, product: str = "final") -> Path | None:
+    """Create `out_dir`, clear a killed run's temporaries (main process); the checkpoint to resume from, or None.
+
+    A fresh start is refused where an earlier run left checkpoints or its model (`out_dir/product`): it
+    would overwrite them, and --keep-checkpoints would then prune the new run's checkpoints for the old.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainingError(f"--output-dir {out_dir} is a file, not a folder; choose another --output-dir")
     try:  # on every process, so that all of them stop on a bad folder instead of waiting for the main one
@@ -221,9 +225,43 @@ def prepare_output_dir(out_dir: Path, resume: str | None, accelerator, log) -> P
         remove_stale_temporaries(out_dir)
     accelerator.wait_for_everyone()
     resume_dir = resolve_resume(resume, out_dir)
+    if resume_dir is None:
+        _refuse_earlier_run(out_dir, product, resume)
     if resume == "latest" and resume_dir is None:
         log(f"--resume latest: no checkpoint in {out_dir} yet; starting fresh")
     return resume_dir
+
+
+def _refuse_earlier_run(out_dir: Path, product: str, resume: str | None) -> None:
+    checkpoints = [path.name for _, path in complete_checkpoints(out_dir)]
+    if checkpoints:  # only without --resume: `latest` would have found them
+        raise TrainingError(
+            f"--output-dir {out_dir} already holds a run ({checkpoints[-1]}, {len(checkpoints)} checkpoint(s) in "
+            "all), which a fresh start would overwrite; continue it with --resume latest, or choose another "
+            "--output-dir"
+        )
+    if (out_dir / product).exists():
+        how = "" if resume else "--resume latest has nothing to continue from either; "
+        raise TrainingError(
+            f"--output-dir {out_dir} already holds the model of a finished run ({out_dir / product}) and no "
+            f"checkpoint, so a new run would overwrite it; {how}choose another --output-dir, or delete "
+            f"{out_dir / product} to train again"
+        )
+
+
+def tensor_mismatch(own: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]) -> str | None:
+    """Why a checkpoint's `stored` tensors cannot be copied into this run's `own` (names, then shapes), or None."""
+    extra, missing = sorted(set(stored) - set(own)), sorted(set(own) - set(stored))
+    if extra or missing:
+        return f"only in checkpoint: {extra[:3]}, only in this run: {missing[:3]}"
+    wrong = [key for key in own if own[key].shape != stored[key].shape]
+    if wrong:
+        key = wrong[0]
+        return (
+            f"{len(wrong)} tensor(s) of another shape, e.g. {key}: {tuple(stored[key].shape)} in the checkpoint, "
+            f"{tuple(own[key].shape)} in this run"
+        )
+    return None
 
 
 # ---- the files of one checkpoint -------------------------------------------------------------------------

@@ -207,6 +207,22 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--timestep-range-share needs --timestep-range LO HI (the band it emphasises)")
     if args.validate_every and not args.validation_prompts:
         p.error("--validate-every needs --validation-prompts")
+    check_companions(
+        p,
+        args,
+        validation_prompts="validate_every",
+        text_encoder_lr="train_text_encoder",
+        lora_alpha="lora_rank",
+        keep_checkpoints="checkpoint_every",
+    )
+
+
+def check_companions(p: argparse.ArgumentParser, args: argparse.Namespace, **needs: str) -> None:
+    """Options that do nothing without another (name=companion): a usage error, not a silently ignored flag."""
+    for name, companion in needs.items():
+        if getattr(args, name) not in (None, []) and not getattr(args, companion):
+            flag, needed = (f"--{n.replace('_', '-')}" for n in (name, companion))
+            p.error(f"{flag} does nothing without {needed}; add that or leave it out")
 
 
 def main(argv=None) -> int:
@@ -220,24 +236,43 @@ def main(argv=None) -> int:
         if n > 1:
             return relaunch(n, sys.argv[0], sys.argv[1:])
 
-    from latentdiff.cli import machine_error, one_line_warnings
-    from latentdiff.training.errors import TrainingError
     from latentdiff.training.loop import train
+    from latentdiff.training.progress import rate_text
+
+    summary, status = run_reporting(train, args)
+    if status:
+        return status
+    if summary.get("final"):
+        print(
+            f"done: {summary['steps']} steps, {rate_text(summary)}, "
+            f"{summary['nan_skipped']} non-finite steps skipped; model in {summary['final']}"
+        )
+    return 0
+
+
+def run_reporting(train_fn, args, user_errors: tuple[type[Exception], ...] = ()) -> tuple[dict, int]:
+    """(train_fn(args), 0); or ({}, exit status) with one line on stderr, not a traceback, for a user's mistake
+    (TrainingError, `user_errors`), a full disk and the like, or Ctrl-C (status 130, naming what is kept)."""
+    from latentdiff.cli import machine_error, one_line_warnings
+    from latentdiff.training import checkpoint as ckpt
+    from latentdiff.training.errors import TrainingError
 
     try:
         with one_line_warnings(""):
-            summary = train(args)
-    except TrainingError as e:
+            return train_fn(args), 0
+    except (TrainingError, *user_errors) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
     except OSError as e:  # a full disk while writing logs, grids or losses
         if machine_error(e) is None:
             raise
         print(f"error: {machine_error(e)}", file=sys.stderr)
-        return 1
-    if summary.get("final"):
-        print(
-            f"done: {summary['steps']} steps, {summary['images_per_s']:.2f} images/s this run, "
-            f"{summary['nan_skipped']} non-finite steps skipped; model in {summary['final']}"
+    except KeyboardInterrupt:
+        found = ckpt.complete_checkpoints(args.output_dir)
+        kept = (
+            f"{found[-1][1]} is the newest complete checkpoint: carry on with --resume latest"
+            if found
+            else "no checkpoint was written yet (--checkpoint-every sets how often)"
         )
-    return 0
+        print(f"interrupted; {kept}", file=sys.stderr)
+        return {}, 130
+    return {}, 1

@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,16 +54,21 @@ def find_examples(
     missing_captions: str = "error",
     caption_extension: str = ".txt",
     image_column: str = "file_name",
-    caption_column: str = "text",
+    caption_column: str | None = "text",  # None: captions are not wanted (the VAE's training)
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int = 4,
+    skip: str | Path | None = None,
 ) -> Found:
-    """Every usable (image, caption) pair in `folder`; bad files are listed, never raised."""
+    """Every usable (image, caption) pair in `folder`; bad files are listed, never raised.
+
+    `skip`: a folder inside `folder` not to read (the run's own output folder: its grids are no data).
+    """
     if missing_captions not in MISSING_CAPTION_POLICIES:
         raise DataError(
             f"unknown --missing-captions {missing_captions!r}; choose from {list(MISSING_CAPTION_POLICIES)}"
         )
     folder = Path(folder)
+    caption_extension = _extension(caption_extension)
     if not folder.exists():
         raise DataError(f"data folder not found: {folder}")
     if not folder.is_dir():
@@ -70,10 +77,11 @@ def find_examples(
     present = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
     if len(present) > 1:
         raise DataError(f"{folder} has both metadata.jsonl and metadata.csv; keep one of them")
+    no_column = None
     if present:
-        candidates, bad = _from_metadata(present[0], image_column, caption_column)
+        candidates, bad, no_column = _from_metadata(present[0], image_column, caption_column)
     else:
-        candidates, bad = _from_caption_files(folder, caption_extension)
+        candidates, bad = _from_caption_files(folder, caption_extension, skip)
     if not candidates and not bad:
         raise DataError(
             f"no images found in {folder}: expected images with same-name {caption_extension} captions, "
@@ -90,6 +98,10 @@ def find_examples(
             bad.append((example.path, reason))
 
     uncaptioned = [ex.path for ex in good if ex.caption is None]
+    if uncaptioned and no_column and missing_captions == "error":
+        raise DataError(f"{no_column}; or pass --missing-captions empty to train without captions")
+    if uncaptioned and no_column:
+        warnings.warn(no_column, stacklevel=2)  # most likely a misspelt column: say so even when allowed
     if uncaptioned and missing_captions == "error":
         raise DataError(
             f"{len(uncaptioned)} image(s) in {folder} have no caption: {_names(uncaptioned, folder)}; "
@@ -124,14 +136,50 @@ def _check_image(path: Path, max_pixels: int) -> str | None:
     return None
 
 
-def _from_caption_files(folder: Path, caption_extension: str) -> tuple[list[Example], list[tuple[Path, str]]]:
+def _extension(caption_extension: str) -> str:
+    """'.txt', 'txt' and '.TXT' all mean the same caption files (suffixes are compared in lower case)."""
+    ext = caption_extension.strip().lower()
+    if not ext.lstrip("."):
+        raise DataError(f"--caption-extension {caption_extension!r} is empty; give one such as .txt")
+    return ext if ext.startswith(".") else "." + ext
+
+
+def _walk(folder: Path, skip: str | Path | None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every file under `folder` (symlinked folders followed, once each), and broken links with the reason."""
+    skip_real = os.path.realpath(skip) if skip is not None else None
+    files, broken, seen = [], [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen or real == skip_real:  # a link loop, or the run's own output folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            path = Path(root, name)
+            if name.startswith("."):
+                continue
+            if path.is_file():
+                files.append(path)
+            elif path.is_symlink():
+                broken.append((path, f"broken symbolic link (to {os.readlink(path)})"))
+    return sorted(files), broken
+
+
+def _from_caption_files(
+    folder: Path, caption_extension: str, skip: str | Path | None = None
+) -> tuple[list[Example], list[tuple[Path, str]]]:
     """kohya style: every non-caption file is a candidate image (Pillow decides); captions share its stem.
 
-    An image whose caption file cannot be read as text is left out with the reason, like a bad image.
+    An image whose caption file cannot be read as text is left out with the reason, like a bad image; so is
+    a caption with no image beside it (a renamed or deleted image the user may not know is missing).
     """
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p, folder))
+    files, bad = _walk(folder, skip)
     captions = {p.with_suffix(""): p for p in files if p.suffix.lower() == caption_extension}
-    examples, bad = [], []
+    stems = {p.with_suffix("") for p in files if p.suffix.lower() != caption_extension}
+    stems |= {p.with_suffix("") for p, _ in bad}  # a broken link's caption: the link is the one to name
+    bad += [(p, "caption without an image of the same name") for stem, p in captions.items() if stem not in stems]
+    examples = []
     for path in files:
         if path.suffix.lower() == caption_extension:
             continue
@@ -148,10 +196,19 @@ def _from_caption_files(folder: Path, caption_extension: str) -> tuple[list[Exam
     return examples, bad
 
 
-def _from_metadata(path: Path, image_column: str, caption_column: str) -> tuple[list[Example], list[tuple[Path, str]]]:
-    """Hugging Face imagefolder style: rows of (file_name relative to the folder, text)."""
+def _from_metadata(
+    path: Path, image_column: str, caption_column: str | None
+) -> tuple[list[Example], list[tuple[Path, str]], str | None]:
+    """Hugging Face imagefolder style: rows of (file_name relative to the folder, text).
+
+    The third value says so when no row has `caption_column` at all (most likely a misspelt column name).
+    """
     rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
     examples, missing = [], []
+    no_column = None
+    if rows and caption_column is not None and not any(caption_column in row for _, row in rows):
+        columns = sorted({key for _, row in rows for key in row})
+        no_column = f"no row of {path} has a {caption_column!r} column (columns: {columns}); set --caption-column"
     for line, row in rows:
         if image_column not in row or not row[image_column]:
             raise DataError(
@@ -160,12 +217,16 @@ def _from_metadata(path: Path, image_column: str, caption_column: str) -> tuple[
             )
         file = path.parent / str(row[image_column])
         caption = row.get(caption_column)
-        caption = None if caption is None else str(caption).strip()
+        if caption is not None and not isinstance(caption, str):  # JSON lists, objects, numbers, booleans
+            kind = type(caption).__name__
+            missing.append((file, f"{path.name} row {line}: the {caption_column!r} is a {kind}, not a string"))
+            continue
+        caption = None if caption is None else caption.strip()
         if file.is_file():
             examples.append(Example(file, caption))
         else:
             missing.append((file, "file listed in the metadata does not exist"))
-    return examples, missing
+    return examples, missing, no_column
 
 
 def _metadata_text(path: Path) -> str:
@@ -195,10 +256,6 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
     rows = csv.DictReader(io.StringIO(_metadata_text(path), newline=""))
     return [(i, {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(rows, 2)]
-
-
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def _rel(path: Path, folder: str | Path) -> str:

@@ -43,6 +43,7 @@ def build_dataset(args, accelerator, log) -> CaptionedImages:
                 args.caption_column,
                 args.max_image_pixels,
                 workers=max(1, args.num_workers),
+                skip=args.output_dir,
             )
         except DataError as e:
             error = str(e)

@@ -16,7 +16,7 @@ from latentdiff.training.errors import NonFiniteLossError, TrainingError
 from latentdiff.training.feed import Collate, batch_context, batch_latents, build_dataset, cache_latents
 from latentdiff.training.models import Models, as_pipeline, export, load_models, trainable_state
 from latentdiff.training.optim import build_lr_schedule, build_optimizer
-from latentdiff.training.progress import record_step, run_summary
+from latentdiff.training.progress import nothing_left, record_step, run_summary
 from latentdiff.training.sampler import ResumableBatches
 from latentdiff.training.state import RunState, restore, save
 
@@ -163,6 +163,8 @@ def _train(args, accelerator, out_dir: Path, log, set_seed) -> dict:
         dynamic_ncols=True,
     )
     start_step, t0 = state.step, time.perf_counter()
+    if nothing_left(state.step, args.max_steps):
+        log(nothing_left(state.step, args.max_steps))
     step_time = None
     while state.step < args.max_steps:
         t_step = time.perf_counter()

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from latentdiff.training import checkpoint as ckpt
 from latentdiff.training.errors import TrainingError
 from latentdiff.training.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, merge_lora
 
@@ -82,12 +83,11 @@ def trainable_state(models: Models) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_trainable_state(models: Models, tensors: dict[str, torch.Tensor]) -> None:
     own = trainable_state(models)
-    if set(own) != set(tensors):
-        extra, missing = sorted(set(tensors) - set(own)), sorted(set(own) - set(tensors))
+    why = ckpt.tensor_mismatch(own, tensors)
+    if why is not None:
         raise TrainingError(
             "the checkpoint does not match this run's trained parameters (was it made with other "
-            "--lora-rank / --train-text-encoder / --model?); "
-            f"only in checkpoint: {extra[:3]}, only in this run: {missing[:3]}"
+            f"--lora-rank / --train-text-encoder / --model?); {why}"
         )
     for key, p in own.items():
         p.copy_(tensors[key])

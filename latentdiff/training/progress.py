@@ -29,3 +29,17 @@ def run_summary(state, steps_run: int, elapsed: float, images_per_step: int) -> 
         "nan_skipped": state.nan_skipped,
         "final_loss": state.losses[-1] if state.losses else None,
     }
+
+
+def nothing_left(step: int, max_steps: int) -> str | None:
+    """The note for a run resumed at or past --max-steps (it only writes the model again), else None."""
+    if step < max_steps:
+        return None
+    return f"the checkpoint is at step {step}, not below --max-steps {max_steps}: nothing to train; writing its model"
+
+
+def rate_text(summary: dict) -> str:
+    """'12.34 images/s this run', or 'no steps this run' (a resumed run that was already done)."""
+    if not summary.get("steps_this_run"):
+        return "no steps this run"
+    return f"{summary['images_per_s']:.2f} images/s this run"

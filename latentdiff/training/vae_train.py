@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,10 +41,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from latentdiff.cli import machine_error, one_line_warnings
 from latentdiff.training import checkpoint as ckpt
-from latentdiff.training.cli import check_numbers
+from latentdiff.training.cli import check_companions, check_numbers, run_reporting
 from latentdiff.training.errors import NonFiniteLossError, TrainingError
+from latentdiff.training.progress import rate_text
 
 
 # ---- loss --------------------------------------------------------------------------------------------
@@ -90,7 +89,7 @@ def vae_loss(
 
 
 # ---- data --------------------------------------------------------------------------------------------
-def build_dataset(data: str, resolution: int, seed: int, shapes_count: int, max_pixels: int, log=print):
+def build_dataset(data: str, resolution: int, seed: int, shapes_count: int, max_pixels: int, log=print, skip=None):
     """Shapes scenes drawn on the fly ('shapes', 'shapes:SEED') or an image folder (captions not needed)."""
     from latentdiff.training.data import (
         CaptionedImages,
@@ -103,7 +102,7 @@ def build_dataset(data: str, resolution: int, seed: int, shapes_count: int, max_
     shapes_seed = parse_shapes_spec(str(data))
     if shapes_seed is not None:
         return ShapesScenes(shapes_count, resolution, shapes_seed, caption_dropout=0.0, seed=seed)
-    found = find_examples(data, missing_captions="empty", max_pixels=max_pixels)
+    found = find_examples(data, missing_captions="empty", caption_column=None, max_pixels=max_pixels, skip=skip)
     if found.bad_files:
         log(f"warning: {bad_files_message(found.bad_files, data)}")
     log(f"data: {len(found.examples)} images from {data}")
@@ -148,13 +147,13 @@ def train_vae(args, log=print) -> dict:
     from accelerate.utils import set_seed
 
     from latentdiff.training.optim import build_lr_schedule, build_optimizer
-    from latentdiff.training.progress import record_step, run_summary
+    from latentdiff.training.progress import nothing_left, record_step, run_summary
     from latentdiff.training.sampler import ResumableBatches
 
     out_dir = Path(args.output_dir)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     say = log if accelerator.is_main_process else (lambda *a, **k: None)
-    resume_dir = ckpt.prepare_output_dir(out_dir, args.resume, accelerator, say)
+    resume_dir = ckpt.prepare_output_dir(out_dir, args.resume, accelerator, say, product="vae")
 
     # 1. model, optimizer, schedule, EMA: the same on every process
     set_seed(args.seed)
@@ -184,7 +183,9 @@ def train_vae(args, log=print) -> dict:
         say(f"resumed from {resume_dir} at step {state.step}")
 
     # 3. data
-    dataset = build_dataset(args.data, args.resolution, args.seed, args.shapes_count, args.max_image_pixels, say)
+    dataset = build_dataset(
+        args.data, args.resolution, args.seed, args.shapes_count, args.max_image_pixels, say, skip=out_dir
+    )
     batches = ResumableBatches(
         len(dataset),
         args.batch_size,
@@ -210,6 +211,8 @@ def train_vae(args, log=print) -> dict:
     )
     images_per_step = args.batch_size * accelerator.num_processes
     start_step, t0 = state.step, time.perf_counter()
+    if nothing_left(state.step, args.max_steps):
+        say(nothing_left(state.step, args.max_steps))
     while state.step < args.max_steps:
         t_step = time.perf_counter()
         pixels = next(stream).to(accelerator.device)
@@ -398,8 +401,9 @@ def _restore(path: Path, vae, optimizer, lr_schedule, ema, generator, accelerato
         raise ckpt.CheckpointError(f"{path} holds a VAE of another size than --config gives")
     tensors = ckpt.load_tensors(path / "trainable.safetensors")
     own = {f"vae.{k}": p for k, p in vae.named_parameters()}
-    if set(own) != set(tensors):
-        raise ckpt.CheckpointError(f"{path} does not match this VAE's parameters")
+    why = ckpt.tensor_mismatch(own, tensors)
+    if why is not None:
+        raise ckpt.CheckpointError(f"{path} does not match this VAE (was it made with another --config?); {why}")
     for k, p in own.items():
         p.copy_(tensors[k])
     optimizer.load_state_dict(ckpt.load_torch(path / "optimizer.pt"))
@@ -481,26 +485,19 @@ def main(argv=None) -> int:
         positive=("learning_rate",),
         non_negative=("kl_weight", "edge_weight", "foreground_weight", "max_grad_norm"),
     )
+    check_companions(parser, args, keep_checkpoints="checkpoint_every")
     if args.decoder_only and args.init is None:
         parser.error("--decoder-only needs --init (the trained VAE whose encoder is kept)")
     if args.init is not None and args.config is not None:
         parser.error("--init brings its own config; leave out --config")
     if args.ema is not None and not 0.0 < args.ema < 1.0:
         parser.error(f"--ema decay must be in (0, 1), got {args.ema}")
-    try:
-        with one_line_warnings(""):
-            summary = train_vae(args)
-    except (TrainingError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # a full disk while writing logs or grids
-        if machine_error(e) is None:
-            raise
-        print(f"error: {machine_error(e)}", file=sys.stderr)
-        return 1
+    summary, status = run_reporting(train_vae, args, (FileNotFoundError, ValueError))
+    if status:
+        return status
     if summary.get("vae"):
         print(
-            f"done: {summary['steps']} steps, {summary['images_per_s']:.1f} images/s, held-out L1 "
+            f"done: {summary['steps']} steps, {rate_text(summary)}, held-out L1 "
             f"{summary['reconstruction_l1']:.4f}, scaling_factor {summary['scaling_factor']:.4f}; "
             f"VAE in {summary['vae']}"
         )
