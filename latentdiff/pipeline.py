@@ -20,6 +20,7 @@ from latentdiff.attention import inference_cache
 from latentdiff.clip import CLIPTextEncoder, CLIPTextSettings
 from latentdiff.config import read_json, write_json
 from latentdiff.devices import check_device
+from latentdiff.fingerprint import module_fingerprint
 from latentdiff.metadata import attach
 from latentdiff.prompts import MAX_SEED
 from latentdiff.replay import Replay, Signature
@@ -62,6 +63,7 @@ class LatentDiffusionPipeline:
         self.source = source  # the folder it was loaded from, for the model hash
         self._model_hash: str | None = None
         self._context_cache: dict[tuple[str, int | None], torch.Tensor] = {}
+        self._context_state: tuple | None = None  # what the cached contexts were made with
         # Repeated U-Net steps replayed from a TorchScript trace (replay.py): CPU, small U-Nets, same images.
         self.trace_steps = True
         self._replay = Replay()
@@ -180,6 +182,12 @@ class LatentDiffusionPipeline:
     # ---- generation --------------------------------------------------------------------------------
     def encode(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
         """Text context for each prompt; repeated prompts (the empty negative above all) are encoded once."""
+        # the cached contexts hold for this text encoder and tokenizer as they were: changed weights (in place
+        # too), a swapped or LoRA-wrapped module, another tokenizer make them stale
+        state = (id(self.tokenizer), module_fingerprint(self.text_encoder, versions=True))
+        if state != self._context_state:
+            self._context_cache.clear()
+            self._context_state = state
         found = {}
         for prompt in dict.fromkeys(prompts):
             key = (prompt, clip_skip)

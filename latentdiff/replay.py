@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from latentdiff.fingerprint import module_fingerprint
+
 MAX_PARAMETERS = 50_000_000  # as workers.MAX_AUTO_PARAMETERS: on big layers Python is a rounding error
 KEEP = 4  # traces kept per pipeline: one per batch shape in use
 MAX_SEEN = 64  # shapes counted per pipeline
@@ -72,7 +74,7 @@ class Replay:
         if not _traceable(unet):
             self.traces.clear()  # a hook or a device move may be undone later, but the traces would be stale
             return
-        fingerprint = _fingerprint(unet)
+        fingerprint = module_fingerprint(unet)  # in-place writes are seen by the traces themselves
         if unet is not self.unet or fingerprint != self.fingerprint:  # shapes must come back on this U-Net
             self.unet, self.fingerprint = unet, fingerprint
             self.traces.clear()
@@ -143,26 +145,6 @@ def _global_hooks() -> bool:
 
     names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
     return any(getattr(module, name, None) for name in names)
-
-
-def _fingerprint(unet: nn.Module) -> tuple:
-    """Changes when anything a trace baked in changes: modules, their modes, which tensors hold the weights."""
-    modules = tuple((id(m), type(m), m.training, *_code(m)) for m in unet.modules())
-    tensors = tuple(
-        (id(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in (*unet.parameters(), *unet.buffers())
-    )
-    return modules, tensors, repr(getattr(unet, "config", None))
-
-
-def _code(module: nn.Module) -> tuple:
-    """The forward code a module runs, so that one patched in (on its class or on it) is noticed."""
-    kind = type(module)
-    return (
-        kind.forward,
-        getattr(kind, "_forward", None),
-        module.__dict__.get("forward"),
-        module.__dict__.get("_forward"),
-    )
 
 
 def _trace(unet: nn.Module, signature: Signature) -> torch.jit.ScriptModule | None:

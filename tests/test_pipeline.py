@@ -214,6 +214,34 @@ def test_encode_more_prompts_than_the_cache_holds(sd1, monkeypatch):
     assert len(pipe._context_cache) <= 4
 
 
+def test_cached_contexts_follow_the_text_encoder(sd1):
+    """A prompt encoded before must be encoded again once the text encoder (or tokenizer) is another."""
+    from latentdiff.training.lora import TEXT_ENCODER_TARGETS, add_lora
+
+    pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+    fresh = lambda: LatentDiffusionPipeline.from_pretrained(sd1)  # noqa: E731 - no cache, same weights
+    before = pipe.encode(["a red circle"])
+    with torch.no_grad():  # weights changed in place
+        for p in pipe.text_encoder.parameters():
+            p.mul_(1.5)
+    changed = pipe.encode(["a red circle"])
+    assert not torch.equal(changed, before)
+    reference = fresh()
+    with torch.no_grad():
+        for p in reference.text_encoder.parameters():
+            p.mul_(1.5)
+    torch.testing.assert_close(changed, reference.encode(["a red circle"]), rtol=0, atol=0)
+
+    pipe.text_encoder = fresh().text_encoder  # a module swapped in
+    torch.testing.assert_close(pipe.encode(["a red circle"]), before, rtol=0, atol=0)
+    add_lora(pipe.text_encoder, 2, None, TEXT_ENCODER_TARGETS)  # wrapped: its zero-initialised B keeps the output
+    with torch.no_grad():
+        for name, p in pipe.text_encoder.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.1)
+    assert not torch.equal(pipe.encode(["a red circle"]), before)
+
+
 # ---- bad input: one clear error --------------------------------------------------------------------
 
 
