@@ -167,7 +167,7 @@ def read_defaults(root: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
-def write_folder_atomically(target: str | Path, write, marker: str = "model_index.json") -> Path:
+def write_folder_atomically(target: str | Path, write, marker: str) -> Path:
     """Call write(tmp_dir) then move tmp_dir into place, so `target` is never a half-written model.
 
     An existing `target` is replaced whole, so only an empty folder or one holding `marker` (an earlier save
@@ -178,8 +178,8 @@ def write_folder_atomically(target: str | Path, write, marker: str = "model_inde
         raise FileExistsError(f"cannot save to {target}: it is a file, not a folder")
     if target.is_dir() and not (target / marker).is_file() and any(target.iterdir()):
         raise FileExistsError(
-            f"cannot save to {target}: it is a folder with other files in it (no {marker}), which saving "
-            "would replace; choose a new or empty folder, or an earlier save to overwrite"
+            f"cannot save to {target}: it is a folder with other files in it and no {marker} of an earlier "
+            "save, and saving would replace it whole; choose a new or empty folder, or an earlier save to overwrite"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"

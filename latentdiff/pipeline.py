@@ -167,7 +167,8 @@ class LatentDiffusionPipeline:
             write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
             write_json(tmp / folders.DEFAULTS_FILE, {"name": self.model_name, "defaults": self.defaults})
 
-        return folders.write_folder_atomically(path, write)
+        # only a latentdiff save is replaced: a diffusers folder may hold a model card, safety checker, variants
+        return folders.write_folder_atomically(path, write, marker=folders.DEFAULTS_FILE)
 
     def to(self, device=None, dtype=None) -> LatentDiffusionPipeline:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -238,9 +239,20 @@ class LatentDiffusionPipeline:
             karras = bool(self.defaults.get("karras")) and sampler_name == self.defaults["sampler"]
         self._check_call(height, width, steps, sampler_name, num_images_per_prompt)
         _check_numbers(guidance_scale, eta, karras)
+        if clip_skip is not None and not _is_int(clip_skip):
+            raise TypeError(f"clip_skip must be None or a whole number of layers, got {clip_skip!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable as callback(i, t, x), got {callback!r}")
+        # numpy's numbers pass the checks; Python's go on, into the images' JSON records too
+        height, width, steps, num_images_per_prompt, guidance_scale, eta, clip_skip = (
+            v.item() if isinstance(v, np.generic) else v
+            for v in (height, width, steps, num_images_per_prompt, guidance_scale, eta, clip_skip)
+        )
+        options = {"eta": eta} if sampler_name == "ddim" else {}
+        # here, not in a worker: a step count this schedule cannot take is the caller's mistake, said at once
+        make_sampler(sampler_name, self.scheduler_config, karras=karras, **options).set_timesteps(steps)
         if workers is not None:
             parallel.check_workers(workers, self.device, callback)
-        options = {"eta": eta} if sampler_name == "ddim" else {}
 
         # 1. One entry per image, prompts-major: image k = (prompt k // n, its k % n-th image).
         n = num_images_per_prompt
@@ -375,11 +387,11 @@ class LatentDiffusionPipeline:
                 f"size {width}x{height} is not possible with this model: width and height must be positive "
                 f"multiples of {m} (e.g. {max(m, round(width / m) * m)}x{max(m, round(height / m) * m)})"
             )
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+        if not _is_int(steps) or steps <= 0:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
-        if not isinstance(n, int) or n <= 0:
+        if not _is_int(n) or n <= 0:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {n!r}")
 
 

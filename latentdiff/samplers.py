@@ -52,9 +52,26 @@ class Sampler:
             raise ValueError(f"num_steps must be between 1 and num_train_timesteps={T}, got {num_steps}")
         self._index = 0
         self._set_timesteps(int(num_steps))
+        problem = self._problem()
+        if problem is not None:
+            # near T, "leading" spacing with steps_offset reaches t = T, and neighbouring steps can share a noise
+            # level (diffusers fails the same way: an IndexError, or NaN latents and a black image)
+            most = int(num_steps) - 1
+            while most > 1:  # a few tries: only the top few counts fail
+                self._set_timesteps(most)
+                if self._problem() is None:
+                    break
+                most -= 1
+            raise ValueError(
+                f"steps={num_steps} is too many for this sampler and schedule ({problem}); use at most {most}"
+            )
 
     def _set_timesteps(self, num_steps: int) -> None:
         raise NotImplementedError
+
+    def _problem(self) -> str | None:
+        """Why the timesteps just set cannot be sampled, or None."""
+        return None
 
     def _current(self, t) -> int:
         """Index of this step; t must be the next of self.timesteps."""
@@ -97,7 +114,17 @@ def predict_x0_eps(config: ScheduleConfig, model_output, x, alpha_bar):
     return x0, eps
 
 
-class DDPM(Sampler):
+class _TableSampler(Sampler):
+    """A sampler that looks each timestep up in the training schedule's tables (no interpolation)."""
+
+    def _problem(self) -> str | None:
+        T = self.config.num_train_timesteps
+        if len(self.timesteps) and int(self.timesteps.max()) > T - 1:
+            return f"a timestep of {int(self.timesteps.max())} is past the last trained one, {T - 1}"
+        return None
+
+
+class DDPM(_TableSampler):
     """Ancestral sampling of the reverse process, Ho et al. 2020, Algorithm 2 (variance beta-tilde, eq. 7)."""
 
     description = "DDPM (Ho et al. 2020): ancestral sampling, stochastic; needs many steps"
@@ -132,7 +159,7 @@ class DDPM(Sampler):
         return mean
 
 
-class DDIM(Sampler):
+class DDIM(_TableSampler):
     """DDIM, Song et al. 2021, eq. 12 (eta = 0 deterministic, eta = 1 DDPM-like noise, eq. 16)."""
 
     description = "DDIM (Song et al. 2021): deterministic at eta=0 (option eta adds noise)"
@@ -308,6 +335,12 @@ class DPMSolverPP2M(Sampler):
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         self.timesteps = torch.from_numpy(timesteps.astype(np.int64))
         self._prev = None  # (x0 prediction, lambda) of the previous step
+
+    def _problem(self) -> str | None:
+        levels = self.sigmas[:-1]
+        if bool((levels[1:] >= levels[:-1]).any()):  # the second-order step divides by their log-SNR gap
+            return "two steps would share a noise level"
+        return None
 
     def step(self, model_output, t, x, generators=None):
         i = self._current(t)

@@ -274,6 +274,12 @@ def pipe1(sd1):
         (dict(seed=1.5), TypeError, "seed must be an int or a list of ints, got 1.5"),
         (dict(seed=-1), ValueError, "seeds must be between 0 and 18446744073709551615 .* image 1 would get -1"),
         (dict(seed=2**64 - 1, num_images_per_prompt=2), ValueError, "image 2 would get 18446744073709551616"),
+        # the schedule's top step counts: t = 1000 (out of the tables), two equal noise levels (NaN latents)
+        (dict(sampler="ddim", steps=1000), ValueError, r"steps=1000 is too many .*past the last .*use at most 999"),
+        (dict(sampler="dpmpp_2m", steps=999), ValueError, r"two steps would share a noise level\); use at most 998"),
+        (dict(clip_skip=1.0), TypeError, "clip_skip must be None or a whole number of layers, got 1.0"),
+        (dict(num_images_per_prompt=True), ValueError, "num_images_per_prompt must be a positive integer"),
+        (dict(callback=5), TypeError, "callback must be callable"),
     ],
 )
 def test_bad_call_arguments(pipe1, kwargs, error, message):
@@ -281,6 +287,23 @@ def test_bad_call_arguments(pipe1, kwargs, error, message):
     call.update(kwargs)
     with pytest.raises(error, match=message):
         pipe1(**call)
+
+
+def test_numpy_numbers_work_as_python_ones(pipe1):
+    call = dict(prompt="a red circle", sampler="ddim", seed=0, progress=False, workers=1)
+    plain = pipe1(**call, height=SIZE, width=SIZE, steps=2, guidance_scale=2.5, eta=0.5, clip_skip=1)[0]
+    numpy = pipe1(
+        **call,
+        height=np.int64(SIZE),
+        width=np.int32(SIZE),
+        steps=np.int64(2),
+        guidance_scale=np.float32(2.5),
+        eta=np.float64(0.5),
+        clip_skip=np.int64(1),
+        num_images_per_prompt=np.int64(1),
+    )[0]
+    assert np.array_equal(pixels([plain]), pixels([numpy]))
+    assert numpy.info["latentdiff"] == plain.info["latentdiff"]  # the same JSON record, written
 
 
 def unusable_cuda_message() -> str:
@@ -308,10 +331,16 @@ def test_save_replaces_only_an_earlier_save_or_an_empty_folder(pipe1, tmp_path):
     (tmp_path / "photos" / "a.jpg").write_text("precious")
     with pytest.raises(FileExistsError, match="is a file, not a folder"):
         pipe1.save_pretrained(tmp_path / "file")
-    with pytest.raises(FileExistsError, match="a folder with other files in it .no model_index.json."):
+    with pytest.raises(FileExistsError, match="a folder with other files in it and no latentdiff.json of an"):
         pipe1.save_pretrained(tmp_path / "photos")
     assert (tmp_path / "file").read_text() == "precious" and (tmp_path / "photos" / "a.jpg").read_text() == "precious"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "photos"]  # no temporaries left either
+    # a model folder that diffusers wrote: its model card (and whatever else) must not go with it
+    diffusers_folder = save_tiny_pipeline(tmp_path / "sd", "sd1")
+    (diffusers_folder / "README.md").write_text("model card")
+    with pytest.raises(FileExistsError, match="no latentdiff.json of an earlier save"):
+        pipe1.save_pretrained(diffusers_folder)
+    assert (diffusers_folder / "README.md").read_text() == "model card"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "photos", "sd"]  # no temporaries left either
     (tmp_path / "empty").mkdir()
     for _ in range(2):  # an empty folder, then the earlier save in it
         assert (pipe1.save_pretrained(tmp_path / "empty") / "model_index.json").is_file()
