@@ -12,7 +12,9 @@ def check_device(device: str | torch.device) -> torch.device:
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"{device!r} is not a torch device ({e})") from None
     kind = parsed.type
-    if kind in ("cpu", "meta"):
+    if kind == "meta":  # shapes without data: the weights would be lost and nothing could be computed
+        raise ValueError("the meta device holds no data, so nothing can run on it; use cpu or a GPU")
+    if kind == "cpu":
         return parsed
     if kind == "cuda" and torch.version.cuda is None and torch.version.hip is None:
         raise ValueError(

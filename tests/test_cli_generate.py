@@ -215,9 +215,29 @@ def test_resume_remakes_missing_files_and_changed_settings(model, tmp_path, caps
     assert generate(*args, "--resume") == 0
     assert "made 1, skipped 1" in capsys.readouterr().err
     assert manifest(out) == rows
-    assert generate(*args, "--resume", "--cfg", "2") == 0  # other settings: same names, images remade
+    # other settings, the same names: the earlier images are replaced only when asked to
+    before = {r["file"]: (out / r["file"]).read_bytes() for r in rows}
+    assert generate(*args, "--resume", "--cfg", "2") == 2
+    err = capsys.readouterr().err
+    assert f"{out} already holds 2 image(s) under the names this run would write, made with other settings" in err
+    assert "(guidance_scale " in err and "add --overwrite to replace them" in err
+    assert {f: (out / f).read_bytes() for f in before} == before and manifest(out) == rows
+    assert generate(*args, "--resume", "--cfg", "2", "--overwrite") == 0
     assert "made 2, skipped 0" in capsys.readouterr().err
     assert [r["guidance_scale"] for r in manifest(out)] == [2.0, 2.0]
+    (out / "stray.png").write_bytes(b"")  # not a name this run writes: no matter
+    assert generate(*args, "--cfg", "2") == 0  # a plain rerun, the same settings: the same images again
+
+
+def test_a_foreign_file_under_an_image_name_is_never_replaced(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert generate("-p", "p1", "--model", model, "--out", out, *FAST) == 0
+    name = manifest(out)[0]["file"]
+    (out / "manifest.jsonl").unlink()
+    (out / name).write_bytes(b"the user's own file")
+    assert generate("-p", "p1", "--model", model, "--out", out, *FAST) == 2
+    assert f"e.g. {name} (not made by latentdiff generate)" in capsys.readouterr().err
+    assert (out / name).read_bytes() == b"the user's own file"
 
 
 def _pretend_memory_runs_out(monkeypatch, width: int, other_failure_width: int) -> None:
@@ -510,3 +530,55 @@ def test_accelerate_two_processes_write_what_one_process_writes(model, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[rank 0/2] made 3" in done.stderr and "[rank 1/2] made 2" in done.stderr  # batches 0, 2 | 1
     assert folder_state(two) == folder_state(one)
+
+
+def test_an_image_another_run_wrote_meanwhile_is_kept(model, tmp_path, capsys, monkeypatch):
+    """Two runs into one folder, started together, planned before either wrote: the second write must not win."""
+    import shutil
+
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    other, out = tmp_path / "other", tmp_path / "out"
+    assert generate("-p", "p1", "--model", model, "--out", other, "--cfg", "2", *FAST) == 0
+    name = manifest(other)[0]["file"]
+    real_call = LatentDiffusionPipeline.__call__
+
+    def call(self, prompts, **kwargs):
+        images = real_call(self, prompts, **kwargs)
+        shutil.copy(other / name, out / name)  # the other run's image lands while this one draws
+        return images
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "__call__", call)
+    capsys.readouterr()
+    assert generate("-p", "p1", "--model", model, "--out", out, *FAST) == 1
+    assert f"{out / name} was written meanwhile by another run with other settings" in capsys.readouterr().err
+    assert (out / name).read_bytes() == (other / name).read_bytes()
+
+
+def test_a_seed_past_the_range_fails_only_its_image_whatever_the_batch(model, tmp_path, capsys):
+    top = 2**64 - 1
+    for batch in ("1", "2"):
+        out = tmp_path / f"b{batch}"
+        args = ["-p", "p1", "-p", "p2", "--seed", top, "--batch-size", batch]
+        assert generate(*args, "--model", model, "--out", out, *FAST) == 1
+        err = capsys.readouterr().err
+        assert (
+            f"-p:2: error: image 1 would get seed {top + 1}, past {top}" in err and "made 1, skipped 0, failed 1" in err
+        )
+        assert [r["seed"] for r in manifest(out)] == [top]
+
+
+def test_runs_that_cannot_be_meant_are_refused_before_loading(model, tmp_path, capsys, monkeypatch):
+    import latentdiff.cli.generate as gen
+
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    assert generate(tmp_path / "empty.txt", "--model", model, "--out", tmp_path / "o", *FAST) == 2
+    assert "empty.txt holds no prompts (only blank or # comment lines)" in capsys.readouterr().err
+    monkeypatch.setattr(gen, "MAX_RUN_IMAGES", 5)
+    assert (
+        generate("-p", "a", "-p", "b", "--images-per-prompt", 3, "--model", model, "--out", tmp_path / "o", *FAST) == 2
+    )
+    assert "this run asks for 6 images, more than 5 in one run; split it up" in capsys.readouterr().err
+    assert generate("-p", "a", "--device", "meta", "--model", model, "--out", tmp_path / "o", *FAST) == 2
+    assert "the meta device holds no data" in capsys.readouterr().err
+    assert not list((tmp_path / "o").glob("*.png"))

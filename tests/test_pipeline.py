@@ -315,7 +315,12 @@ def unusable_cuda_message() -> str:
 
 @pytest.mark.parametrize(
     "device, message",
-    [("cuda:99", None), ("banana", "'banana' is not a torch device"), ("cuda:-1", "is not a torch device")],
+    [
+        ("cuda:99", None),
+        ("banana", "'banana' is not a torch device"),
+        ("cuda:-1", "is not a torch device"),
+        ("meta", "the meta device holds no data, so nothing can run on it; use cpu"),
+    ],
 )
 def test_an_unusable_device_is_named_and_the_pipeline_stays_put(pipe1, device, message):
     with pytest.raises(ValueError, match=re.escape(message or unusable_cuda_message())):

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import errno
 import importlib
+import os
 import sys
 import tempfile
 import warnings
@@ -80,7 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with one_line_warnings(f"latentdiff {args.command}: "):
-            return int(modules[args.command].run(args) or 0)
+            code = int(modules[args.command].run(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a closed pipe must fail where it is handled, below
+        return code
+    except BrokenPipeError:
+        # The reader went away (`latentdiff info | head -1`): what it wanted it has. Python would report
+        # the closed pipe again when it flushes at exit, so stdout goes to devnull (Python's documented idiom).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a shell reports for a program a closed pipe stopped
     except UserError as e:
         print(f"latentdiff {args.command}: error: {e}", file=sys.stderr)
         return 2

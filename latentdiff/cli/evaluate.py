@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from pathlib import Path
 
 from latentdiff.cli import UserError, prepare_out
+
+# What `eval --model` writes into --out besides the scores: a manifest.jsonl listing images/NNNNN.png (and, if
+# killed mid-write, atomic_file's hidden temporary there). Only these may be replaced by a rerun.
+MANIFEST = "manifest.jsonl"
+LISTED_IMAGE = re.compile(r"images/\d{5}\.png")
+OWN_IMAGE = re.compile(r"\d{5}\.png|\.\d{5}\.png\.\w+\.tmp")
+SCORES = ("report.json", "results.jsonl", "contact_sheet.png")  # report.json first: it marks a finished run
 
 
 def add_arguments(parser) -> None:
@@ -62,9 +71,38 @@ def read_manifest(folder: Path) -> tuple[list[str], list[str]]:
     return files, prompts
 
 
+def earlier_eval_files(out: Path) -> list[Path]:
+    """The files of an earlier `eval --model` run into `out` (which a rerun replaces), report first.
+
+    UserError if `out` holds a manifest or images/ that eval did not write (a `generate` folder, the user's
+    own pictures): replacing them would lose them.
+    """
+    manifest, images = out / MANIFEST, out / "images"
+    names = sorted(p.name for p in images.iterdir()) if images.is_dir() else []
+    try:
+        listed = [json.loads(line)["file"] for line in manifest.read_bytes().splitlines() if line.strip()]
+        ours = all(isinstance(f, str) and LISTED_IMAGE.fullmatch(f) for f in listed)
+    except FileNotFoundError:
+        ours = True
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):  # unreadable: not ours to judge
+        ours = False
+    ours = ours and (images.is_dir() or not images.exists()) and all(OWN_IMAGE.fullmatch(n) for n in names)
+    if not ours:
+        raise UserError(
+            f"--out {out} already holds a {MANIFEST} or images/ that `latentdiff eval --model` did not write, "
+            f"and this run would replace them; choose another --out (to score that folder: --images {out})"
+        )
+    return [out / name for name in (*SCORES, MANIFEST)] + [images / name for name in names]
+
+
 def generate(args, prompts: list[str], out: Path) -> tuple[list[str], list, list[str]]:
-    """Render every prompt K times with the pipeline; saves out/images/*.png + out/manifest.jsonl."""
+    """Render every prompt K times with the pipeline; saves out/images/*.png + out/manifest.jsonl.
+
+    Every image is drawn before anything is written, so a run that fails or is stopped while drawing leaves
+    --out as it was; an earlier eval's output there is then replaced, the manifest coming last.
+    """
     from latentdiff import LatentDiffusionPipeline
+    from latentdiff.atomic import atomic_file
 
     k = args.images_per_prompt
     try:
@@ -78,30 +116,56 @@ def generate(args, prompts: list[str], out: Path) -> tuple[list[str], list, list
         options["guidance_scale"] = args.guidance_scale
     if args.sampler is not None:
         options["sampler"] = args.sampler
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    files, images, image_prompts = [], [], []
-    with open(out / "manifest.jsonl", "w", encoding="utf-8") as manifest:
-        for start in range(0, len(prompts), args.batch_size):
-            batch = prompts[start : start + args.batch_size]
-            # seed + index of the batch's first image: the same images whatever the batch size
-            outputs = pipe(batch, seed=args.seed + start * k, num_images_per_prompt=k, **options)
-            for j, image in enumerate(outputs):
-                index = start * k + j
-                file = f"images/{index:05d}.png"
-                image.save(out / file)
-                prompt = batch[j // k]
-                entry = {"file": file, "prompt": prompt, "seed": args.seed + index}
-                manifest.write(json.dumps(entry) + "\n")
-                files.append(file)
-                images.append(image)
-                image_prompts.append(prompt)
-            print(f"generated {min(start + args.batch_size, len(prompts))}/{len(prompts)} prompts", flush=True)
-    return files, images, image_prompts
+    images = []
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        try:  # seed + index of the batch's first image: the same images whatever the batch size
+            images += pipe(batch, seed=args.seed + start * k, num_images_per_prompt=k, **options)
+        except ValueError as e:  # settings this model cannot do, e.g. more --steps than its scheduler has
+            raise UserError(f"--model {args.model} cannot sample with these settings: {e}") from None
+        print(f"generated {min(start + args.batch_size, len(prompts))}/{len(prompts)} prompts", flush=True)
+    for path in earlier_eval_files(out):  # checked again: the folder may have changed while drawing
+        path.unlink(missing_ok=True)
+    (out / "images").mkdir(exist_ok=True)
+    entries = []
+    for index, image in enumerate(images):
+        entry = {"file": f"images/{index:05d}.png", "prompt": prompts[index // k], "seed": args.seed + index}
+        with atomic_file(out / entry["file"]) as f:
+            image.save(f, format="PNG")
+        entries.append(entry)
+    with atomic_file(out / MANIFEST) as f:
+        f.write("".join(json.dumps(entry) + "\n" for entry in entries).encode("utf-8"))
+    return [e["file"] for e in entries], images, [e["prompt"] for e in entries]
+
+
+@contextlib.contextmanager
+def output_folder(out: Path):
+    """prepare_out(out) for the block; a folder it made goes again if the block fails before writing to it."""
+    made = not out.exists()
+    prepare_out(out)
+    try:
+        yield out
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):  # not empty: what was written stays
+                out.rmdir()
+        raise
+
+
+def read_images(folder: Path, files: list[str]) -> list:
+    from PIL import Image
+
+    images = []
+    for file in files:
+        try:
+            with Image.open(folder / file) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise UserError(f"cannot read image {folder / file}: {e}") from None
+    return images
 
 
 def run(args) -> int:
-    from PIL import Image
-
     from latentdiff.eval.captions import heldout_prompts, read_prompt_file
     from latentdiff.eval.score import evaluate
 
@@ -112,18 +176,12 @@ def run(args) -> int:
                 raise UserError(f"--{flag.replace('_', '-')} goes with --model, not --images")
         folder = Path(args.images)
         files, prompts = read_manifest(folder)
-        prepare_out(out)
-        images = []
-        for file in files:
-            try:
-                with Image.open(folder / file) as im:
-                    images.append(im.convert("RGB"))
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                raise UserError(f"cannot read image {folder / file}: {e}") from None
+        with output_folder(out):
+            report = evaluate(files, prompts, read_images(folder, files), out)
     else:
         if args.images_per_prompt < 1 or args.batch_size < 1:
             raise UserError("--images-per-prompt and --batch-size must be at least 1")
-        from latentdiff.prompts import check_value, sampler_names
+        from latentdiff.prompts import MAX_SEED, check_value, sampler_names
 
         try:  # the range rules of generate's options and prompt lines
             for field, value, name in (
@@ -148,9 +206,17 @@ def run(args) -> int:
                 prompt_list = read_prompt_file(args.prompts)
             except ValueError as e:
                 raise UserError(str(e)) from None
-        prepare_out(out)
-        files, images, prompts = generate(args, prompt_list, out)
-    report = evaluate(files, prompts, images, out)
+        n = len(prompt_list) * args.images_per_prompt
+        if args.seed + n - 1 > MAX_SEED:  # image i gets seed + i: the last must still be a seed torch takes
+            raise UserError(
+                f"--seed {args.seed} is too large for {n} images (image i gets --seed + i, and seeds go up to "
+                f"{MAX_SEED}); use --seed {MAX_SEED - n + 1} or less"
+            )
+        if out.is_dir():
+            earlier_eval_files(out)  # refuse another run's folder now, before the model loads
+        with output_folder(out):
+            files, images, prompts = generate(args, prompt_list, out)
+            report = evaluate(files, prompts, images, out)
     cats = ", ".join(f"{c} {a:.3f}" for c, a in report["categories"].items() if a is not None)
     print(f"overall {report['overall']:.3f} ({cats}; n={report['n']}); wrote {out}/report.json")
     return 0

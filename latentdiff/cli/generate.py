@@ -27,7 +27,7 @@ from typing import Any
 
 from latentdiff.cli import UserError, prepare_out
 from latentdiff.naming import grid_filename, image_filename
-from latentdiff.prompts import LineError, PromptFileError, PromptJob, check_value, read_prompt_file
+from latentdiff.prompts import MAX_SEED, LineError, PromptFileError, PromptJob, check_value, read_prompt_file
 
 MANIFEST = "manifest.jsonl"
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16"}
@@ -83,6 +83,11 @@ def add_arguments(parser) -> None:
     add("--dtype", choices=sorted(DTYPES), help="weights and compute dtype (default float32)")
     add("--grid", action="store_true", help="also write a grid image per prompt line")
     add("--resume", action="store_true", help="skip images already written and in the manifest")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="replace images in OUT that an earlier run made with other settings (refused otherwise)",
+    )
     add("--quiet", action="store_true", help="no progress bar")
 
 
@@ -118,6 +123,7 @@ class Task:
 
 
 MIN_CALLS_TO_TRACE = 8
+MAX_RUN_IMAGES = 1_000_000  # a plan entry each: about half a gigabyte of them
 
 
 def run(args) -> int:
@@ -132,8 +138,20 @@ def run(args) -> int:
         for error in errors:
             print(f"{source}:{error.line}: error: {error.message}", file=sys.stderr)
 
+    images = sum(job.images if job.images is not None else args.images_per_prompt for job in jobs)
+    if images > MAX_RUN_IMAGES:  # the plan alone would fill memory before the first image
+        raise UserError(f"this run asks for {images} images, more than {MAX_RUN_IMAGES} in one run; split it up")
     pipe = _load_pipeline(args, state)
     tasks = plan(jobs, args, resolved_defaults(pipe))
+    # seed + k past the generator's range fails those images alone, whatever batch they would share
+    unseedable = [t for t in tasks if t.seed > MAX_SEED]
+    tasks = [t for t in tasks if t.seed <= MAX_SEED]
+    if main_process:
+        for t in unseedable:
+            print(
+                f"{source}:{t.line}: error: image {t.index + 1} would get seed {t.seed}, past {MAX_SEED}",
+                file=sys.stderr,
+            )
     model, model_hash = pipe.model_name, pipe.model_hash
     extra = {
         "model_path": str(Path(args.model).resolve()) if args.model else None,
@@ -141,7 +159,11 @@ def run(args) -> int:
         "device": pipe.device.type,  # not the index: every rank must write the same record
     }
 
-    known = read_manifest(out) if args.resume else {}
+    known = read_manifest(out)
+    if not args.overwrite:
+        _refuse_replacing(out, tasks, known, model, model_hash)
+    if not args.resume:
+        known = {}
     # Batches are cut from the whole run, then dealt out: rank r runs batches r, r + N, ... So every
     # image is made in the same batch as in a one-process, uninterrupted run, bit for bit.
     mine = batches(tasks, args.batch_size)[rank::world]
@@ -149,7 +171,7 @@ def run(args) -> int:
     pending = sum(len(b) for b in todo)
     # A trace of the U-Net step (replay.py) costs about as much as five calls save: not for short runs.
     pipe.trace_steps = sum(1 for b in todo if b) >= MIN_CALLS_TO_TRACE
-    counts = {"made": 0, "skipped": sum(len(b) for b in mine) - pending, "failed": 0}
+    counts = {"made": 0, "skipped": sum(len(b) for b in mine) - pending, "failed": len(unseedable[rank::world])}
     part = out / f"manifest.rank{rank}.partial.jsonl"
 
     from tqdm.auto import tqdm
@@ -189,7 +211,11 @@ def run(args) -> int:
                     bar.update(len(wanted))
                     continue
                 for t, image in zip(batch, images, strict=True):
-                    if t in wanted:
+                    if t in wanted and not args.overwrite and _taken(out, t, model, model_hash):
+                        print(f"{source}:{t.line}: error: {out / t.file} {TAKEN}", file=sys.stderr)
+                        counts["failed"] += 1
+                        bar.update(1)
+                    elif t in wanted:
                         try:
                             _save(out, part, t, image, model, model_hash, extra)
                         except OSError as e:  # a full disk, a folder made read-only: every next image would fail
@@ -308,6 +334,52 @@ def read_manifest(out: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
+def _refuse_replacing(out: Path, tasks: list[Task], known: dict, model: str, model_hash: str | None) -> None:
+    """File names follow line, index, seed and prompt, not the other settings: a rerun with other steps,
+    sampler or model would silently replace the earlier run's images under the same names."""
+    clashes = []
+    for task in tasks:
+        path = out / task.file
+        if not path.is_file():
+            continue
+        wanted = task.manifest_record(model, model_hash)
+        record = known.get(task.file) or _png_record(path)
+        if record is None:
+            clashes.append(f"{task.file} (not made by latentdiff generate)")
+            continue
+        differ = [key for key in MANIFEST_KEYS if record.get(key) != wanted[key]]
+        if differ:
+            key = differ[0]
+            clashes.append(f"{task.file} ({key} {record.get(key)!r} there, {wanted[key]!r} in this run)")
+    if clashes:
+        raise UserError(
+            f"{out} already holds {len(clashes)} image(s) under the names this run would write, made with other "
+            f"settings, e.g. {clashes[0]}; choose another --out, or add --overwrite to replace them"
+        )
+
+
+TAKEN = "was written meanwhile by another run with other settings; it is kept (choose another --out)"
+
+
+def _taken(out: Path, task: Task, model: str, model_hash: str | None) -> bool:
+    """Another run into OUT, started at the same time, wrote this name with other settings since the plan."""
+    path = out / task.file
+    if not path.is_file():
+        return False
+    record = _png_record(path) or {}
+    return {key: record.get(key) for key in MANIFEST_KEYS} != task.manifest_record(model, model_hash)
+
+
+def _png_record(path: Path) -> dict[str, Any] | None:
+    """The record a PNG carries (an image whose manifest line was lost), None for anything else."""
+    from latentdiff.metadata import read_png_metadata
+
+    try:
+        return read_png_metadata(path)[1]
+    except (OSError, ValueError, SyntaxError):  # not a PNG Pillow can read, or a damaged record
+        return None
+
+
 def _done(out: Path, task: Task, known: dict, model: str, model_hash: str | None) -> bool:
     record = known.get(task.file)
     return record == task.manifest_record(model, model_hash) and (out / task.file).is_file()
@@ -406,6 +478,8 @@ def _read_jobs(args) -> tuple[str, list[PromptJob], list[LineError]]:
         jobs, errors = read_prompt_file(args.prompt_file)
     except PromptFileError as e:
         raise UserError(str(e)) from None
+    if not jobs and not errors:  # not a success: most likely the wrong file
+        raise UserError(f"{args.prompt_file} holds no prompts (only blank or # comment lines)")
     return args.prompt_file, jobs, errors
 
 

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from latentdiff.cli import UserError
 
+# The weight file stem of each component that has weights, as the pipeline's loader reads them.
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", nargs="?", metavar="MODEL", help="diffusers-layout folder (default: bundled model)")
@@ -52,7 +55,7 @@ def run(args) -> int:
     for name in folders.COMPONENTS:
         library_class = index.get(name) or [None, "?"]
         folder = root / name
-        params, dtypes = _count_parameters(folder, problems)
+        params, dtypes = _count_parameters(_weight_files(root, name, problems), problems)
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
         total_params += params
         total_bytes += size
@@ -88,12 +91,23 @@ def run(args) -> int:
     return 0
 
 
-def _count_parameters(folder: Path, problems: list[str]) -> tuple[int, set[str]]:
+def _weight_files(root: Path, name: str, problems: list[str]) -> list[Path]:
+    """The files loading would read for a component, found by the loader's own checks so that info and
+    loading cannot disagree (a missing component, pickle weights only, a broken shard index: to `problems`)."""
+    from latentdiff import folders
+
+    try:
+        folder = folders.component_dir(root, name)
+        return folders.weight_files(folder, WEIGHT_STEMS[name]) if name in WEIGHT_STEMS else []
+    except (OSError, ValueError) as e:  # ModelFolderError is a ValueError
+        problems.append(str(e))
+        return []
+
+
+def _count_parameters(paths: list[Path], problems: list[str]) -> tuple[int, set[str]]:
     """Parameters and dtypes from the safetensors headers alone (no tensor is read); bad files to `problems`."""
     count, dtypes = 0, set()
-    if not folder.is_dir():
-        return count, dtypes
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in paths:
         try:
             header = _header(path)
             entries = [entry for key, entry in header.items() if key != "__metadata__"]

@@ -2,12 +2,61 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from latentdiff.cli import UserError
+from latentdiff.cli.generate import DTYPES
+from latentdiff.prompts import MAX_SEED, sampler_names
+
+# Copies made at once to repeat a batch: far above the batches machines make, far below what would
+# exhaust memory when a record is tampered with (a hundred million copies asked for gigabytes).
+MAX_BATCH = 1024
+# Fields the call cannot do without; the others have a default when absent or null.
+REQUIRED = ("prompt", "height", "width", "steps", "guidance_scale", "sampler", "seed")
+
+
+def record_checks() -> dict:
+    """What each record field that reproduce uses must be, as pipeline.check_defaults has it for stored
+    defaults: a record can be edited by hand or written by another tool, and is then a bad input, not a crash.
+    """
+    samplers, dtypes = sampler_names(), sorted(set(DTYPES.values()))
+    return {
+        "prompt": (_text, "text"),
+        "negative_prompt": (_text, "text"),
+        "height": (_whole(1), "a whole number of pixels >= 1"),
+        "width": (_whole(1), "a whole number of pixels >= 1"),
+        "steps": (_whole(1), "a whole number >= 1"),
+        "guidance_scale": (_finite(-math.inf), "a finite number"),
+        "sampler": (lambda v: _text(v) and v in samplers, f"one of {', '.join(samplers)}"),
+        "karras": (lambda v: isinstance(v, bool), "true or false"),
+        "seed": (_whole(0, MAX_SEED), f"a whole number from 0 to {MAX_SEED}"),
+        "eta": (_finite(0.0), "a finite number >= 0"),
+        "clip_skip": (_whole(0), "a whole number >= 0"),
+        "dtype": (lambda v: _text(v) and v in dtypes, f"one of {', '.join(dtypes)}"),
+        "model_path": (_text, "a folder path"),
+        "model_hash": (_text, "text"),
+        "batch_size": (_whole(1, MAX_BATCH), f"a whole number from 1 to {MAX_BATCH}"),
+        "batch_index": (_whole(0), "a whole number >= 0"),
+        "workers": (_whole(1), "a whole number >= 1"),
+        "threads": (_whole(1), "a whole number >= 1"),
+    }
+
+
+def _whole(low: int, high: float = math.inf):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _finite(low: float):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v < math.inf
+
+
+def _text(v) -> bool:
+    return isinstance(v, str)
 
 
 def add_arguments(parser) -> None:
@@ -35,10 +84,16 @@ def run(args) -> int:
         _, record = read_png_metadata(path)
         with Image.open(path) as im:
             original = np.asarray(im.convert("RGB"))
+    except json.JSONDecodeError as e:  # before OSError's kin: the chunk was read, its text is not JSON
+        raise UserError(f"{path}: its latentdiff metadata is not valid JSON ({e}); cannot reproduce") from None
     except (OSError, UnidentifiedImageError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
     if not record:
         raise UserError(f"{path} has no latentdiff metadata chunk; only images latentdiff wrote can be reproduced")
+    check_record(record, path)
+    save = Path(args.save) if args.save else None
+    if save:
+        check_save(save, path)
 
     model = args.model or record.get("model_path")
     if model and not Path(model).is_dir() and not args.model:
@@ -50,9 +105,9 @@ def run(args) -> int:
         raise UserError(f"cannot load model: {e}") from None
     import torch
 
-    dtype = getattr(torch, record.get("dtype") or "float32", None)
+    check_record_fits(record, pipe, path)
     try:
-        pipe.to(device=args.device or "cpu", dtype=dtype if isinstance(dtype, torch.dtype) else None)
+        pipe.to(device=args.device or "cpu", dtype=getattr(torch, record.get("dtype") or "float32"))
     except (RuntimeError, ValueError) as e:
         raise UserError(f"cannot use --device {args.device}: {e}") from None
     if record.get("model_hash") and pipe.model_hash != record["model_hash"]:
@@ -69,28 +124,27 @@ def run(args) -> int:
             "it, so that its arithmetic is the same (--alone: this image only)",
             file=sys.stderr,
         )
-    try:
-        copies = [record["prompt"]] * shape.size
-        negative = record.get("negative_prompt")
-        with shape.threads_set():
-            image = pipe(
-                copies,
-                negative_prompt=[negative] * shape.size if negative else None,
-                height=record["height"],
-                width=record["width"],
-                steps=record["steps"],
-                guidance_scale=record["guidance_scale"],
-                sampler=record["sampler"],
-                karras=bool(record.get("karras")),
-                seed=[record["seed"]] * shape.size,
-                progress=False,
-                workers=shape.workers_for(pipe.device),
-                **optional,
-            )[shape.index]
-    except KeyError as e:
-        raise UserError(f"{path}: metadata lacks {e}; cannot reproduce") from None
-    if args.save:
-        save_png(image, args.save)
+    # Not wrapped in `except ValueError`: every value the call checks was checked above, so an error
+    # from here on is a bug to see whole, not a bad record.
+    negative = record.get("negative_prompt")
+    with shape.threads_set():
+        image = pipe(
+            [record["prompt"]] * shape.size,
+            negative_prompt=[negative] * shape.size if negative else None,
+            height=record["height"],
+            width=record["width"],
+            steps=record["steps"],
+            guidance_scale=record["guidance_scale"],
+            sampler=record["sampler"],
+            karras=bool(record.get("karras")),
+            seed=[record["seed"]] * shape.size,
+            progress=False,
+            workers=shape.workers_for(pipe.device),
+            **optional,
+        )[shape.index]
+    if save:
+        check_save(save, path)  # again: a file may have appeared there while the image was made
+        save_png(image, save)
     again = np.asarray(image.convert("RGB"))
     if again.shape == original.shape and np.array_equal(again, original):
         print(f"match: {path} reproduced pixel for pixel")
@@ -107,6 +161,55 @@ def run(args) -> int:
         elif largest <= 2:
             print("  (another machine, thread count or library version can move a value by 1 or 2 through rounding)")
     return 1
+
+
+def check_record(record, path: Path) -> None:
+    """Every field the call uses, checked before a model is loaded (see record_checks)."""
+    if not isinstance(record, dict):
+        raise UserError(
+            f"{path}: its latentdiff metadata is a JSON {type(record).__name__}, not an object; "
+            "only images latentdiff wrote can be reproduced"
+        )
+    missing = next((key for key in REQUIRED if record.get(key) is None), None)
+    if missing:
+        raise UserError(f"{path}: metadata lacks {missing!r}; cannot reproduce")
+    for key, (ok, wanted) in record_checks().items():
+        if record.get(key) is not None and not ok(record[key]):
+            raise invalid_field(path, key, record[key], wanted)
+
+
+def check_record_fits(record: dict, pipe, path: Path) -> None:
+    """The checks that need the model: the sizes it can make, the text encoder layers clip_skip can skip."""
+    multiple, layers = pipe.size_multiple, pipe.text_encoder.config.num_hidden_layers
+    hint = "was it made with another model? pass that one with --model"
+    for key in ("height", "width"):
+        if record[key] % multiple:
+            raise invalid_field(path, key, record[key], f"a multiple of {multiple}, as this model needs", hint)
+    if (record.get("clip_skip") or 0) >= layers:
+        wanted = f"below {layers}, the text encoder's layers"
+        raise invalid_field(path, "clip_skip", record["clip_skip"], wanted, hint)
+
+
+def invalid_field(path: Path, key: str, value, wanted: str, hint: str = "") -> UserError:
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."  # a tampered value may be megabytes long
+    hint = hint or "the record was edited, or written by another tool"
+    return UserError(f"{path}: metadata field {key!r} is invalid ({shown} is not {wanted}); {hint}; cannot reproduce")
+
+
+def check_save(save: Path, image: Path) -> None:
+    """--save writes a new file only: it never replaces one (the image being checked least of all)."""
+    if save.is_dir():
+        raise UserError(f"--save {save} is a folder; give a file path in it, e.g. {save / 'again.png'}")
+    if save.exists() or save.is_symlink():
+        same = os.path.realpath(save) == os.path.realpath(image)  # realpath: a symlink loop does not raise
+        what = "is the image being checked" if same else "already exists"
+        raise UserError(f"--save {save} {what}; choose another path (--save does not overwrite files)")
+    if not save.parent.is_dir():
+        why = "is not a folder" if save.parent.exists() else "does not exist"
+        raise UserError(f"--save {save}: folder {save.parent} {why}; create it or choose another path")
+    if not os.access(save.parent, os.W_OK | os.X_OK):  # found now, not after the image is made
+        raise UserError(f"--save {save}: folder {save.parent} is not writable for you; choose another path")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -375,33 +376,56 @@ class ShapesDataset:
         return {"image": image, "text": text, "scene": scene}
 
 
+# A Shapes dataset's image names (000000.png, wider past a million): the only files a new one may remove.
+IMAGE_NAME = re.compile(r"\d{6,}\.png")
+# An earlier set's metadata.jsonl, moved aside while a new set replaces its images: its captions no longer
+# describe them, but it still marks the folder as a Shapes dataset, so a stopped run can be run again.
+REPLACED_METADATA = ".metadata.jsonl.replaced"
+
+
 def write_dataset(out_dir, count: int, seed: int = 0, size: int = 64, paraphrase: bool = False) -> Path:
-    """Write out_dir/000000.png ... and out_dir/metadata.jsonl ({"file_name", "text", "scene"} per line)."""
+    """Write out_dir/000000.png ... and out_dir/metadata.jsonl ({"file_name", "text", "scene"} per line).
+
+    An earlier Shapes set in out_dir is replaced: its metadata.jsonl is moved aside before the first image is
+    overwritten, and its images that the new set does not overwrite are removed before the new one appears.
+    """
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = ShapesDataset(count, seed, size, paraphrase)
     width = max(6, len(str(count - 1)))
+    metadata, replaced = out_dir / "metadata.jsonl", out_dir / REPLACED_METADATA
+    if metadata.exists():
+        os.replace(metadata, replaced)
     # metadata.jsonl appears only when every image is written: a stopped run leaves no dataset that looks whole
     partial = out_dir / ".metadata.jsonl.partial"
+    names = set()
     try:
         with open(partial, "w", encoding="utf-8") as f:
             for i in range(count):
                 item = data[i]
                 name = f"{i:0{width}d}.png"
                 item["image"].save(out_dir / name, compress_level=1)
+                names.add(name)
                 f.write(json.dumps({"file_name": name, "text": item["text"], "scene": item["scene"]}) + "\n")
-        os.replace(partial, out_dir / "metadata.jsonl")
+        for path in out_dir.iterdir():  # the earlier set's extra images (a larger --count), never anything else
+            if IMAGE_NAME.fullmatch(path.name) and path.name not in names:
+                path.unlink()
+        os.replace(partial, metadata)
     finally:
         partial.unlink(missing_ok=True)
-    return out_dir / "metadata.jsonl"
+    replaced.unlink(missing_ok=True)
+    return metadata
 
 
 def _check_replaceable(out_dir: Path) -> None:
-    """Writing overwrites NNNNNN.png and metadata.jsonl: only a new or empty folder, or an earlier Shapes set."""
+    """Writing overwrites NNNNNN.png and metadata.jsonl: only a new or empty folder, or an earlier Shapes set
+    (whole, or with its metadata moved aside by a stopped run)."""
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     metadata = out_dir / "metadata.jsonl"
+    if not metadata.exists():
+        metadata = out_dir / REPLACED_METADATA
     try:
         with open(metadata, encoding="utf-8") as f:
             earlier = "scene" in json.loads(f.readline())

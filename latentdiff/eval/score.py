@@ -11,6 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from latentdiff.atomic import atomic_file
 from latentdiff.eval.captions import CATEGORIES, Prompt, parse_caption
 from latentdiff.eval.detect import Detection, FoundObject, detect
 
@@ -97,13 +98,17 @@ def evaluate(files: list[str], prompts: list[str], images: list[Image.Image], ou
     Returns the report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    with open(out_dir / "results.jsonl", "w", encoding="utf-8") as f:
-        for file, prompt, image in zip(files, prompts, images, strict=True):
-            result = {"file": file, **score_image(image, prompt)}
-            results.append(result)
-            f.write(json.dumps(result) + "\n")
+    results = [
+        {"file": file, **score_image(image, prompt)} for file, prompt, image in zip(files, prompts, images, strict=True)
+    ]
     report = summarize(results)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    contact_sheet(images, [r["pass"] for r in results]).save(out_dir / "contact_sheet.png")
+    # An earlier report goes first and the new one comes last, each file whole: a stopped run never leaves a
+    # report.json beside results or a contact sheet it does not describe.
+    (out_dir / "report.json").unlink(missing_ok=True)
+    with atomic_file(out_dir / "results.jsonl") as f:
+        f.write("".join(json.dumps(result) + "\n" for result in results).encode("utf-8"))
+    with atomic_file(out_dir / "contact_sheet.png") as f:
+        contact_sheet(images, [r["pass"] for r in results]).save(f, format="PNG")
+    with atomic_file(out_dir / "report.json") as f:
+        f.write((json.dumps(report, indent=2) + "\n").encode("utf-8"))
     return report
