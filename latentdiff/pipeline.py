@@ -62,6 +62,7 @@ class LatentDiffusionPipeline:
         self.model_name = name or "latentdiff"
         self.source = source  # the folder it was loaded from, for the model hash
         self._model_hash: str | None = None
+        self._loaded_weights = self._weights_state() if source is not None else None  # as read from `source`
         self._context_cache: dict[tuple[str, int | None], torch.Tensor] = {}
         self._context_state: tuple | None = None  # what the cached contexts were made with
         # Repeated U-Net steps replayed from a TorchScript trace (replay.py): CPU, small U-Nets, same images.
@@ -92,9 +93,16 @@ class LatentDiffusionPipeline:
 
     @property
     def model_hash(self) -> str | None:
-        if self._model_hash is None and self.source is not None:
+        """The hash of the folder the weights came from; None once they changed in memory (written in place,
+        swapped, LoRA-wrapped): that folder would no longer make the same images, so no image may claim it."""
+        if self.source is None or self._weights_state() != self._loaded_weights:
+            return None
+        if self._model_hash is None:
             self._model_hash = folders.folder_hash(self.source)
         return self._model_hash
+
+    def _weights_state(self) -> tuple:
+        return tuple(module_fingerprint(m, versions=True) for m in (self.unet, self.vae, self.text_encoder))
 
     # ---- folders -----------------------------------------------------------------------------------
     @classmethod
@@ -140,7 +148,9 @@ class LatentDiffusionPipeline:
             name=stored.get("name") or root.resolve().name,
             source=root,
         )
-        return pipe.to(device=device, dtype=dtype)
+        pipe.to(device=device, dtype=dtype)
+        pipe._loaded_weights = pipe._weights_state()  # at `dtype` is how this folder loads at `dtype`
+        return pipe
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write a diffusers-layout folder that StableDiffusionPipeline.from_pretrained also reads."""
@@ -175,8 +185,16 @@ class LatentDiffusionPipeline:
             raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float16), got {dtype!r}")
         if device is not None:
             device = check_device(device)  # before any module moves: a bad device leaves the pipeline whole
+        # Still the folder's weights after the move when they were before and no value changes on the way, or
+        # only as loading at the new dtype would change it (a cast down); the records say dtype and device.
+        # A cast back up is not: the rounding stays, so loading the folder at that dtype gives other weights.
+        as_loaded = self.source is not None and self._weights_state() == self._loaded_weights
+        as_loaded = as_loaded and (dtype is None or _precision(dtype) <= _precision(self.dtype))
+        as_loaded = as_loaded and dtype not in _SIBLINGS.get(self.dtype, ())
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
+        if as_loaded:
+            self._loaded_weights = self._weights_state()
         self._context_cache.clear()
         return self
 
@@ -296,6 +314,7 @@ class LatentDiffusionPipeline:
         else:
             pixels, processes = render(0, count, progress), 1
         images = [Image.fromarray(a) for a in pixels]
+        model_hash = self.model_hash  # once: it checks every tensor of the three modules
         records = [
             {
                 "prompt": p,
@@ -310,7 +329,7 @@ class LatentDiffusionPipeline:
                 "height": height,
                 "clip_skip": clip_skip,
                 "model": self.model_name,
-                "model_hash": self.model_hash,
+                "model_hash": model_hash,
                 "latentdiff_version": __version__,
                 # How the batch was computed: the last bits of an image depend on the shape of the work
                 # it was part of (CPU kernels pick their algorithm by batch size and threads), not on the
@@ -393,6 +412,15 @@ class LatentDiffusionPipeline:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
         if not _is_int(n) or n <= 0:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {n!r}")
+
+
+# Bits of mantissa: a cast to fewer loses nothing that loading at that dtype would keep; fp16 and bf16 round
+# differently from each other (siblings), so a cast between them is never that.
+def _precision(dtype: torch.dtype) -> int:
+    return {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}.get(dtype, 0)
+
+
+_SIBLINGS = {torch.float16: (torch.bfloat16,), torch.bfloat16: (torch.float16,)}
 
 
 def check_defaults(defaults: dict[str, Any], where: str) -> None:

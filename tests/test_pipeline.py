@@ -141,6 +141,28 @@ def test_parameters_text_in_a1111_format(sd1):
     assert record["seed"] == 1234 and record["model_hash"]
 
 
+def test_no_image_claims_the_folder_once_the_weights_changed_in_memory(sd1):
+    """The model hash names the folder; after an in-place write (a LoRA merge, an optimizer step) or a swapped
+    module, that folder no longer makes these images, so the record must not point at it."""
+    from latentdiff.folders import folder_hash
+
+    pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+    call = dict(prompt="a cat", height=SIZE, width=SIZE, steps=2, seed=0, progress=False)
+    record = lambda: json.loads(pipe(**call)[0].info["latentdiff"])  # noqa: E731
+    assert record()["model_hash"] == folder_hash(sd1)
+    pipe.to(dtype=torch.bfloat16)  # as loading the folder in bf16 gives: still the folder's (the record says bf16)
+    assert record()["model_hash"] == folder_hash(sd1)
+    pipe.to(dtype=torch.float32)  # but bf16's rounding stays: loading in fp32 would not give these weights
+    assert record()["model_hash"] is None
+    pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+    with torch.no_grad():
+        next(pipe.unet.parameters()).add_(0.01)
+    assert record()["model_hash"] is None
+    pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+    pipe.text_encoder = LatentDiffusionPipeline.from_pretrained(sd1).text_encoder  # equal weights, but not known
+    assert pipe.model_hash is None
+
+
 def test_random_seed_is_recorded_and_reproduces(sd1):
     pipe = LatentDiffusionPipeline.from_pretrained(sd1)
     (image,) = pipe("a cat", height=SIZE, width=SIZE, steps=2, progress=False)
