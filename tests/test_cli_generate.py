@@ -582,3 +582,19 @@ def test_runs_that_cannot_be_meant_are_refused_before_loading(model, tmp_path, c
     assert generate("-p", "a", "--device", "meta", "--model", model, "--out", tmp_path / "o", *FAST) == 2
     assert "the meta device holds no data" in capsys.readouterr().err
     assert not list((tmp_path / "o").glob("*.png"))
+
+
+def test_an_empty_path_or_a_dangling_link_as_out_is_named(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for option in ("--out", "--model"):
+        args = ["-p", "a", "--model", model, "--out", tmp_path / "o", *FAST]
+        args[args.index(option) + 1] = ""
+        with pytest.raises(SystemExit) as stop:
+            generate(*args)
+        assert stop.value.code == 2
+        assert f"{option} is empty; give a path (is a shell variable unset?)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written into the current folder
+    (tmp_path / "link").symlink_to(tmp_path / "missing")
+    assert generate("-p", "a", "--model", model, "--out", tmp_path / "link", *FAST) == 2
+    err = capsys.readouterr().err
+    assert f"it is a symbolic link to {tmp_path / 'missing'}, which does not exist; create that folder" in err

@@ -672,3 +672,13 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(model_dir, data_
     printed = capsys.readouterr().out
     assert "the checkpoint is at step 2, not below --max-steps 1: nothing to train; writing its model" in printed
     assert "done: 2 steps, no steps this run, 0 non-finite steps skipped" in printed and "nan" not in printed
+
+
+def test_a_run_that_fails_at_once_leaves_no_empty_output_folder(data_dir, tmp_path, capsys):
+    (tmp_path / "not-a-model").mkdir()
+    assert run(tmp_path / "not-a-model", data_dir, tmp_path / "o", steps=1) == 1
+    assert "model_index.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before is the user's: it stays
+    assert run(tmp_path / "not-a-model", data_dir, tmp_path / "kept", steps=1) == 1
+    assert (tmp_path / "kept").is_dir()

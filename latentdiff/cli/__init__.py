@@ -50,11 +50,19 @@ class UserError(Exception):
     """A mistake in the user's input: printed as one line, exit code 2, no traceback."""
 
 
+PATH_OPTIONS = ("out", "model", "save", "images", "prompts")
+
+
 def prepare_out(out: str | Path, flag: str = "--out") -> Path:
     """Create the output folder and prove it is writable, before any time is spent loading a model."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"cannot write to {flag} {out}: it is a file, not a folder")
+    if out.is_symlink() and not out.exists():
+        raise UserError(
+            f"cannot write to {flag} {out}: it is a symbolic link to {os.readlink(out)}, which does not exist; "
+            f"create that folder or choose another {flag}"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
@@ -79,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         sub = subparsers.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         module.add_arguments(sub)
     args = parser.parse_args(argv)
+    for name in PATH_OPTIONS:  # "" is what an unset shell variable gives: not the current or bundled folder
+        if getattr(args, name, None) == "":
+            parser.error(f"--{name.replace('_', '-')} is empty; give a path (is a shell variable unset?)")
     try:
         with one_line_warnings(f"latentdiff {args.command}: "):
             code = int(modules[args.command].run(args) or 0)

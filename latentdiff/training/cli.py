@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 
 from latentdiff.training.images import DEFAULT_MAX_PIXELS
@@ -257,9 +259,12 @@ def run_reporting(train_fn, args, user_errors: tuple[type[Exception], ...] = ())
     from latentdiff.training import checkpoint as ckpt
     from latentdiff.training.errors import TrainingError
 
+    fresh, finished = not os.path.lexists(args.output_dir), False
     try:
         with one_line_warnings(""):
-            return train_fn(args), 0
+            summary = train_fn(args)
+        finished = True
+        return summary, 0
     except (TrainingError, *user_errors) as e:
         print(f"error: {e}", file=sys.stderr)
     except OSError as e:  # a full disk while writing logs, grids or losses
@@ -275,4 +280,8 @@ def run_reporting(train_fn, args, user_errors: tuple[type[Exception], ...] = ())
         )
         print(f"interrupted; {kept}", file=sys.stderr)
         return {}, 130
+    finally:
+        if fresh and not finished:  # a folder this run made and left empty (a bad --model, say) is not kept
+            with contextlib.suppress(OSError):
+                os.rmdir(args.output_dir)
     return {}, 1
