@@ -239,7 +239,11 @@ def test_a_stopped_write_leaves_no_metadata(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", save)
     with pytest.raises(KeyboardInterrupt):
         write_dataset(tmp_path / "d", 5)
-    assert list((tmp_path / "d").iterdir()) == []  # no metadata.jsonl, no partial file (the PNGs were not saved)
+    # no metadata.jsonl, no partial file (the PNGs were not saved); the marker of a set being written stays
+    assert [p.name for p in (tmp_path / "d").iterdir()] == [".shapes-writing"]
+    monkeypatch.undo()
+    assert write_dataset(tmp_path / "d", 2).is_file()  # so the same command can be run again into it
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["000000.png", "000001.png", "metadata.jsonl"]
 
 
 def test_speed_report():

@@ -378,25 +378,26 @@ class ShapesDataset:
 
 # A Shapes dataset's image names (000000.png, wider past a million): the only files a new one may remove.
 IMAGE_NAME = re.compile(r"\d{6,}\.png")
-# An earlier set's metadata.jsonl, moved aside while a new set replaces its images: its captions no longer
-# describe them, but it still marks the folder as a Shapes dataset, so a stopped run can be run again.
-REPLACED_METADATA = ".metadata.jsonl.replaced"
+# There from before the first image is written until metadata.jsonl is: it marks the folder as a Shapes set
+# being written, so a stopped run (a first one too) can be run again into it.
+WRITING = ".shapes-writing"
 
 
 def write_dataset(out_dir, count: int, seed: int = 0, size: int = 64, paraphrase: bool = False) -> Path:
     """Write out_dir/000000.png ... and out_dir/metadata.jsonl ({"file_name", "text", "scene"} per line).
 
-    An earlier Shapes set in out_dir is replaced: its metadata.jsonl is moved aside before the first image is
-    overwritten, and its images that the new set does not overwrite are removed before the new one appears.
+    An earlier Shapes set in out_dir is replaced: its metadata.jsonl goes before the first image is overwritten
+    (its captions would describe other images), and its images that the new set does not overwrite are
+    removed before the new metadata.jsonl appears.
     """
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = ShapesDataset(count, seed, size, paraphrase)
     width = max(6, len(str(count - 1)))
-    metadata, replaced = out_dir / "metadata.jsonl", out_dir / REPLACED_METADATA
-    if metadata.exists():
-        os.replace(metadata, replaced)
+    metadata, writing = out_dir / "metadata.jsonl", out_dir / WRITING
+    writing.write_text("a Shapes dataset is being written here; metadata.jsonl appears when it is whole\n")
+    metadata.unlink(missing_ok=True)
     # metadata.jsonl appears only when every image is written: a stopped run leaves no dataset that looks whole
     partial = out_dir / ".metadata.jsonl.partial"
     names = set()
@@ -414,18 +415,16 @@ def write_dataset(out_dir, count: int, seed: int = 0, size: int = 64, paraphrase
         os.replace(partial, metadata)
     finally:
         partial.unlink(missing_ok=True)
-    replaced.unlink(missing_ok=True)
+    writing.unlink()
     return metadata
 
 
 def _check_replaceable(out_dir: Path) -> None:
     """Writing overwrites NNNNNN.png and metadata.jsonl: only a new or empty folder, or an earlier Shapes set
-    (whole, or with its metadata moved aside by a stopped run)."""
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+    (whole, or one a stopped run was writing)."""
+    if not out_dir.is_dir() or not any(out_dir.iterdir()) or (out_dir / WRITING).is_file():
         return
     metadata = out_dir / "metadata.jsonl"
-    if not metadata.exists():
-        metadata = out_dir / REPLACED_METADATA
     try:
         with open(metadata, encoding="utf-8") as f:
             earlier = "scene" in json.loads(f.readline())
