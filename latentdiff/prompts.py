@@ -68,6 +68,9 @@ SUFFIXES = (".txt", ".jsonl", ".csv")
 
 _OPTION_TOKEN = re.compile(r"(?:^|(?<=\s))--([A-Za-z]+)(?=\s|$)")
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+# Images in one batch: far above the batches machines make, far below what would exhaust memory. generate
+# refuses more, so reproduce can refuse more in a record (a tampered one asked for gigabytes).
+MAX_BATCH = 1024
 
 
 @dataclass(frozen=True)

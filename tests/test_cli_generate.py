@@ -579,6 +579,8 @@ def test_runs_that_cannot_be_meant_are_refused_before_loading(model, tmp_path, c
         generate("-p", "a", "-p", "b", "--images-per-prompt", 3, "--model", model, "--out", tmp_path / "o", *FAST) == 2
     )
     assert "this run asks for 6 images, more than 5 in one run; split it up" in capsys.readouterr().err
+    assert generate("-p", "a", "--batch-size", 1025, "--model", model, "--out", tmp_path / "o", *FAST) == 2
+    assert "--batch-size 1025 is more than 1024 images in one batch" in capsys.readouterr().err  # reproduce's limit
     assert generate("-p", "a", "--device", "meta", "--model", model, "--out", tmp_path / "o", *FAST) == 2
     assert "the meta device holds no data" in capsys.readouterr().err
     assert not list((tmp_path / "o").glob("*.png"))

@@ -27,7 +27,7 @@ from typing import Any
 
 from latentdiff.cli import UserError, prepare_out
 from latentdiff.naming import grid_filename, image_filename
-from latentdiff.prompts import MAX_SEED, LineError, PromptFileError, PromptJob, check_value, read_prompt_file
+from latentdiff.prompts import MAX_BATCH, MAX_SEED, LineError, PromptFileError, PromptJob, check_value, read_prompt_file
 
 MANIFEST = "manifest.jsonl"
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16"}
@@ -502,6 +502,8 @@ def _check_options(args) -> None:
                     args.sampler = value
     except ValueError as e:
         raise UserError(str(e)) from None
+    if args.batch_size > MAX_BATCH:
+        raise UserError(f"--batch-size {args.batch_size} is more than {MAX_BATCH} images in one batch; use fewer")
 
 
 def _distributed_state(device: str | None):

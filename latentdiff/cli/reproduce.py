@@ -11,11 +11,8 @@ from pathlib import Path
 
 from latentdiff.cli import UserError
 from latentdiff.cli.generate import DTYPES
-from latentdiff.prompts import MAX_SEED, sampler_names
+from latentdiff.prompts import MAX_BATCH, MAX_SEED, sampler_names
 
-# Copies made at once to repeat a batch: far above the batches machines make, far below what would
-# exhaust memory when a record is tampered with (a hundred million copies asked for gigabytes).
-MAX_BATCH = 1024
 # Fields the call cannot do without; the others have a default when absent or null.
 REQUIRED = ("prompt", "height", "width", "steps", "guidance_scale", "sampler", "seed")
 
