@@ -15,6 +15,8 @@ from latentdiff.config import read_json
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# The weight file name stem of each component that has weights (diffusers' and transformers' names).
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 DEFAULTS_FILE = "latentdiff.json"  # our stored defaults; diffusers ignores files it does not know
 
 # The diffusers scheduler class that runs the same sampler, so a folder we write samples alike in diffusers.

@@ -124,13 +124,15 @@ class LatentDiffusionPipeline:
         scheduler_raw = read_json(scheduler_dir / "scheduler_config.json")
         scheduler_config = ScheduleConfig.from_dict(scheduler_raw)
         unet = UNet(UNetConfig.from_dict(read_json(unet_dir / "config.json")))
-        folders.load_weights(unet, unet_dir, "diffusion_pytorch_model")
+        folders.load_weights(unet, unet_dir, folders.WEIGHT_STEMS["unet"])
         vae = VAE(VAEConfig.from_dict(read_json(vae_dir / "config.json")))
-        folders.load_weights(vae, vae_dir, "diffusion_pytorch_model")
+        folders.load_weights(vae, vae_dir, folders.WEIGHT_STEMS["vae"])
         text_raw = read_json(text_dir / "config.json")
         text_encoder = CLIPTextEncoder(CLIPTextSettings.from_dict(text_raw, str(text_dir / "config.json")), text_raw)
         # Older transformers saved the position_ids buffer; newer ones rebuild it.
-        folders.load_weights(text_encoder, text_dir, "model", ignore=("position_ids",), prefix=CLIP_PREFIX)
+        folders.load_weights(
+            text_encoder, text_dir, folders.WEIGHT_STEMS["text_encoder"], ignore=("position_ids",), prefix=CLIP_PREFIX
+        )
         tokenizer = CLIPTokenizer.from_folder(tokenizer_dir)
 
         stored = folders.read_defaults(root)

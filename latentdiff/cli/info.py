@@ -9,9 +9,6 @@ from pathlib import Path
 
 from latentdiff.cli import UserError
 
-# The weight file stem of each component that has weights, as the pipeline's loader reads them.
-WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", nargs="?", metavar="MODEL", help="diffusers-layout folder (default: bundled model)")
@@ -98,7 +95,8 @@ def _weight_files(root: Path, name: str, problems: list[str]) -> list[Path]:
 
     try:
         folder = folders.component_dir(root, name)
-        return folders.weight_files(folder, WEIGHT_STEMS[name]) if name in WEIGHT_STEMS else []
+        stem = folders.WEIGHT_STEMS.get(name)
+        return folders.weight_files(folder, stem) if stem else []
     except (OSError, ValueError) as e:  # ModelFolderError is a ValueError
         problems.append(str(e))
         return []
