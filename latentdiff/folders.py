@@ -54,21 +54,14 @@ def check_model_root(root: str | Path) -> Path:
 
 
 def weight_files(folder: Path, stem: str) -> list[Path]:
-    """The safetensors file(s) of one component: plain, else the fp16 variant, else a sharded index."""
-    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
+    """The safetensors file(s) of one component, in diffusers' order: the full-precision weights (one file or
+    a sharded index) before the fp16 variant's, which are rounded."""
+    # the full-precision file, its sharded index, then the same for the fp16 variant
+    names = (f"{stem}.safetensors", f"{stem}.safetensors.index.json")
+    names += (f"{stem}.fp16.safetensors", f"{stem}.safetensors.index.fp16.json")
+    for name in names:
         if (folder / name).is_file():
-            return [folder / name]
-    for index_name in (f"{stem}.safetensors.index.json", f"{stem}.safetensors.index.fp16.json"):
-        index = folder / index_name
-        if index.is_file():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
-                raise ModelFolderError(f"{index} has no weight_map of tensor names to shard files")
-            shards = [folder / s for s in sorted(set(weight_map.values()))]
-            missing = [s.name for s in shards if not s.is_file()]
-            if missing:
-                raise ModelFolderError(f"{index} names shard files that are not there: {', '.join(missing)}")
-            return shards
+            return _named_files(folder / name)
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise ModelFolderError(
@@ -77,6 +70,20 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
             "(e.g. diffusers: pipe.save_pretrained(dir, safe_serialization=True))"
         )
     raise ModelFolderError(f"{folder} has no weights: expected {stem}.safetensors")
+
+
+def _named_files(path: Path) -> list[Path]:
+    """[path] for a weights file; the shard files for a sharded index."""
+    if path.suffix == ".safetensors":
+        return [path]
+    weight_map = read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+        raise ModelFolderError(f"{path} has no weight_map of tensor names to shard files")
+    shards = [path.parent / s for s in sorted(set(weight_map.values()))]
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise ModelFolderError(f"{path} names shard files that are not there: {', '.join(missing)}")
+    return shards
 
 
 def read_state_dict(folder: Path, stem: str) -> dict[str, torch.Tensor]:
@@ -169,12 +176,9 @@ def read_defaults(root: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
-def write_folder_atomically(target: str | Path, write, marker: str) -> Path:
-    """Call write(tmp_dir) then move tmp_dir into place, so `target` is never a half-written model.
-
-    An existing `target` is replaced whole, so only an empty folder or one holding `marker` (an earlier save
-    of the same kind) may be: anything else there would be deleted with it.
-    """
+def check_replaceable(target: str | Path, marker: str) -> None:
+    """FileExistsError unless `target` is new, an empty folder or an earlier save (it holds `marker`): saving
+    replaces it whole. Callers that work long before saving call this first too."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"cannot save to {target}: it is a file, not a folder")
@@ -183,6 +187,16 @@ def write_folder_atomically(target: str | Path, write, marker: str) -> Path:
             f"cannot save to {target}: it is a folder with other files in it and no {marker} of an earlier "
             "save, and saving would replace it whole; choose a new or empty folder, or an earlier save to overwrite"
         )
+
+
+def write_folder_atomically(target: str | Path, write, marker: str) -> Path:
+    """Call write(tmp_dir) then move tmp_dir into place, so `target` is never a half-written model.
+
+    An existing `target` is replaced whole, so only an empty folder or one holding `marker` (an earlier save
+    of the same kind) may be: anything else there would be deleted with it.
+    """
+    target = Path(target)
+    check_replaceable(target, marker)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -208,7 +222,17 @@ def folder_hash(root: str | Path) -> str:
 
     root = Path(root)
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    # os.walk(followlinks=True), not rglob: a component folder may be a symlink (a model assembled from
+    # others' parts), and its files must count; a folder reached twice (a link loop) only once
+    found, seen = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(folder, name) for name in names]
+    for path in sorted(p for p in found if p.is_file() and not p.name.startswith(".")):
         if path.suffix not in (".safetensors", ".json", ".txt"):
             continue
         digest.update(path.relative_to(root).as_posix().encode())

@@ -123,9 +123,12 @@ class LatentDiffusionPipeline:
 
         scheduler_raw = read_json(scheduler_dir / "scheduler_config.json")
         scheduler_config = ScheduleConfig.from_dict(scheduler_raw)
-        unet = UNet(UNetConfig.from_dict(read_json(unet_dir / "config.json")))
+        unet_config = UNetConfig.from_dict(read_json(unet_dir / "config.json"))
+        vae_config = VAEConfig.from_dict(read_json(vae_dir / "config.json"))
+        _check_latent_channels(root, unet_config, vae_config)
+        unet = UNet(unet_config)
         folders.load_weights(unet, unet_dir, folders.WEIGHT_STEMS["unet"])
-        vae = VAE(VAEConfig.from_dict(read_json(vae_dir / "config.json")))
+        vae = VAE(vae_config)
         folders.load_weights(vae, vae_dir, folders.WEIGHT_STEMS["vae"])
         text_raw = read_json(text_dir / "config.json")
         text_encoder = CLIPTextEncoder(CLIPTextSettings.from_dict(text_raw, str(text_dir / "config.json")), text_raw)
@@ -414,6 +417,17 @@ class LatentDiffusionPipeline:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
         if not _is_int(n) or n <= 0:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {n!r}")
+
+
+def _check_latent_channels(root: Path, unet: UNetConfig, vae: VAEConfig) -> None:
+    """Before any weight is read: a U-Net that takes or makes other than the VAE's latents cannot sample."""
+    latent = vae.latent_channels
+    if unet.in_channels != latent or unet.out_channels != latent:
+        raise folders.ModelFolderError(
+            f"{root}: the U-Net takes {unet.in_channels} and makes {unet.out_channels} channels, but the VAE's "
+            f"latents have {latent}; extra input channels mean an inpainting or instruct-pix2pix model, "
+            "which latentdiff does not run (text-to-image models only)"
+        )
 
 
 # Bits of mantissa: a cast to fewer loses nothing that loading at that dtype would keep; fp16 and bf16 round

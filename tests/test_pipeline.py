@@ -431,7 +431,7 @@ DAMAGE = {
         "vae/config.json: scaling_factor = True is not a number",
     ),
     "other shapes": (
-        lambda m: _edit_json(m / "unet" / "config.json", in_channels=3),
+        lambda m: _edit_json(m / "unet" / "config.json", conv_in_kernel=1),
         r"weights do not fit the model built from its config.json: 1 have other shapes \(conv_in.weight",
     ),
     "truncated": (
@@ -473,6 +473,10 @@ def test_sharded_weights_load_and_a_missing_shard_is_named(sd1, tmp_path):
     index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     loaded = LatentDiffusionPipeline.from_pretrained(sharded).unet.state_dict()
     assert sorted(loaded) == keys and all(torch.equal(loaded[k], state[k].float()) for k in keys)
+    # beside an fp16 variant, the full-precision shards are the weights (as diffusers picks them)
+    save_file({k: v.half() for k, v in state.items()}, str(unet / "diffusion_pytorch_model.fp16.safetensors"))
+    loaded = LatentDiffusionPipeline.from_pretrained(sharded).unet.state_dict()
+    assert all(torch.equal(loaded[k], state[k].float()) for k in keys)
 
     (unet / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
     with pytest.raises(ValueError, match="names shard files that are not there: diffusion_pytorch_model-00002"):
@@ -480,6 +484,31 @@ def test_sharded_weights_load_and_a_missing_shard_is_named(sd1, tmp_path):
     index.write_text(json.dumps({"metadata": {}}))
     with pytest.raises(ValueError, match="index.json has no weight_map"):
         LatentDiffusionPipeline.from_pretrained(sharded)
+
+
+def test_symlinked_component_folders_count_in_the_model_hash(sd1, sd2, tmp_path):
+    """A model assembled from links to other models' parts: which parts it links to must change its hash."""
+    from latentdiff.folders import folder_hash
+
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "model_index.json").write_bytes((sd1 / "model_index.json").read_bytes())
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (linked / name).symlink_to(sd1 / name)
+    assert folder_hash(linked) == folder_hash(sd1)
+    (linked / "unet").unlink()
+    (linked / "unet").symlink_to(sd2 / "unet")
+    assert folder_hash(linked) != folder_hash(sd1)
+
+
+def test_an_inpainting_unet_is_refused_before_loading(sd1, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(sd1, tmp_path / "inpaint")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": 9}))
+    with pytest.raises(ValueError, match="the U-Net takes 9 and makes 4 channels, but the VAE's latents have 4; extra"):
+        LatentDiffusionPipeline.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("damage", DAMAGE)

@@ -241,8 +241,48 @@ def test_checkpoint_export_matches_final(model_dir, data_dir, tmp_path, capsys):
         == 0
     )
     assert max_diff(unet_weights(tmp_path / "raw"), unet_weights(out / "final")) > 0
-    assert export_main(["--model", str(model_dir), "--checkpoint", str(out), "--out", str(tmp_path / "x")]) == 2
-    assert "is not a complete checkpoint" in capsys.readouterr().err
+    # the run folder names its newest complete checkpoint, as train.py --resume takes it
+    assert export_main(["--model", str(model_dir), "--checkpoint", str(out), "--out", str(tmp_path / "x")]) == 0
+    assert max_diff(unet_weights(tmp_path / "x"), unet_weights(tmp_path / "m")) == 0
+    capsys.readouterr()
+
+
+def test_checkpoint_export_mistakes_are_one_line_and_lose_nothing(model_dir, data_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from latentdiff.training.export import main as export_main
+
+    out = tmp_path / "run"
+    assert run(model_dir, data_dir, out, steps=1, every=1) == 0
+    checkpoint = out / "checkpoint-1"
+    base = tmp_path / "base"
+    shutil.copytree(model_dir, base)
+    before = unet_weights(base)
+    capsys.readouterr()
+
+    def export(checkpoint_dir, target) -> str:
+        assert export_main(["--model", str(base), "--checkpoint", str(checkpoint_dir), "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("export: error: ") and "Traceback" not in err
+        return err
+
+    assert f"--out {base} is the --model folder: writing it would replace the base model" in export(checkpoint, base)
+    (tmp_path / "afile").write_text("mine")
+    assert "it is a file, not a folder" in export(checkpoint, tmp_path / "afile")
+    assert f"--checkpoint {tmp_path / 'nope'}: no such checkpoint folder" in export(tmp_path / "nope", tmp_path / "m")
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    tensors = load_file(str(broken / "trainable.safetensors"))
+    key = next(k for k in tensors if k.endswith("conv_in.weight"))
+    tensors[key] = torch.zeros(3)  # copy_ would broadcast this into the whole weight
+    save_file(tensors, str(broken / "trainable.safetensors"))
+    assert "tensor(s) of another shape, e.g. " + key in export(broken, tmp_path / "m")
+    (broken / "trainable.safetensors").unlink()
+    assert "trainable.safetensors" in export(broken, tmp_path / "m")
+    assert max_diff(unet_weights(base), before) == 0 and (tmp_path / "afile").read_text() == "mine"
+    assert not (tmp_path / "m").exists()
 
 
 def test_lora_export_is_a_plain_model(model_dir, data_dir, tmp_path):

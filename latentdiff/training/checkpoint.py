@@ -44,7 +44,7 @@ def complete_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(resume: str | None, out_dir: str | Path) -> Path | None:
+def resolve_resume(resume: str | None, out_dir: str | Path, flag: str = "--resume") -> Path | None:
     """The checkpoint folder --resume names; None for 'latest' with none yet (the caller starts fresh)."""
     if not resume:
         return None
@@ -53,14 +53,14 @@ def resolve_resume(resume: str | None, out_dir: str | Path) -> Path | None:
         return found[-1][1] if found else None
     path = Path(resume)
     if not path.exists():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
+        raise CheckpointError(f"{flag} {resume}: no such checkpoint folder")
     if not (path / MARKER).is_file():
         inside = complete_checkpoints(path)  # an output folder: take its newest checkpoint
         if inside:
             return inside[-1][1]
         raise CheckpointError(
-            f"--resume {resume}: not a complete checkpoint (no {MARKER} marker; it was interrupted while "
-            f"being written); resume from an older checkpoint-N folder or use --resume latest"
+            f"{flag} {resume}: not a complete checkpoint (no {MARKER} marker; it was interrupted while "
+            f"being written) nor a run folder holding one; name an older checkpoint-N folder"
         )
     return path
 
