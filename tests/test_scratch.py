@@ -127,10 +127,10 @@ def test_inconsistent_recipe_is_refused(tmp_path):
         init_model_folder(recipe, CAPTIONS, None, tmp_path / "m")
     recipe["unet"]["cross_attention_dim"] = 16
     recipe["defaults"]["steps"] = 0
-    with pytest.raises(RecipeError, match="recipe defaults: steps = 0 is not a positive integer"):
+    with pytest.raises(RecipeError, match="recipe: defaults: steps = 0 is not a positive integer"):
         init_model_folder(recipe, CAPTIONS, None, tmp_path / "m")
     recipe["defaults"] = {"sampler": "euler", "cfg": 3}
-    with pytest.raises(RecipeError, match="recipe defaults: unknown setting 'cfg'"):
+    with pytest.raises(RecipeError, match="recipe: defaults: unknown setting 'cfg'"):
         init_model_folder(recipe, CAPTIONS, None, tmp_path / "m")
     del recipe["defaults"]
     with pytest.raises(RecipeError, match="missing \\['defaults'\\]"):
@@ -146,3 +146,117 @@ def test_cli(tmp_path, capsys):
     assert main(["--recipe", str(recipe), "--vae", str(tmp_path / "nothing"), "--out", str(tmp_path / "n")]) == 1
     assert "no trained VAE" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()
+
+
+def _set(path, value):
+    def change(recipe):
+        *parents, key = path.split(".")
+        section = recipe
+        for name in parents:
+            section = section[name]
+        section[key] = value
+
+    return change
+
+
+@pytest.fixture
+def no_slow_work(monkeypatch):
+    """Every user mistake must be found before the tokenizer is trained (build is the slow part)."""
+
+    def build(*args, **kwargs):
+        raise AssertionError("the slow work started before the mistake was found")
+
+    monkeypatch.setattr("latentdiff.training.scratch.build", build)
+
+
+def _refused(capsys, argv, expected):
+    """main(argv) fails with one line, `expected` (or its start, when it ends in ...), exit 1, no traceback."""
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    if expected.endswith("..."):  # the start of the message
+        assert captured.err.startswith(f"error: {expected.removesuffix('...')}")
+    else:
+        assert captured.err == f"error: {expected}\n"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_set("text_encoder", [1, 2]), "text_encoder must be a JSON object ({...}), got [1, 2]"),
+        (_set("unet", None), "unet must be a JSON object ({...}), got None"),
+        (_set("tokenizer.vocab_size", "1024"), "tokenizer: vocab_size = '1024' is not a positive integer"),
+        (_set("tokenizer.vocab_size", 100), "tokenizer: vocab_size must be >= 514..."),
+        (_set("tokenizer.num_captions", -5), "tokenizer: num_captions = -5 is not a positive integer"),
+        (_set("tokenizer.vocab", 600), "tokenizer: unknown key 'vocab'; the keys are..."),
+        (_set("resolution", "64"), "resolution = '64' is not a positive integer (pixels)"),
+        (_set("resolution", 33), "resolution = 33 is not a multiple of 2, the VAE's downsampling factor; ..."),
+        (_set("seed", 1.5), "seed = 1.5 is not an integer"),
+        (_set("text_encoder.num_hidden_layers", "3"), "text_encoder: num_hidden_layers = '3' is not an integer"),
+        (_set("text_encoder.hidden_size", "16"), "text_encoder: hidden_size = '16' is not an integer"),
+        (_set("text_encoder.num_attention_heads", 0), "text_encoder: num_attention_heads = 0 is not a positive..."),
+        (_set("text_encoder.foo", 1), "text_encoder: unknown config key 'foo' (value 1)..."),
+        (_set("unet.foo", 1), "unet: unknown config key 'foo' (value 1); latentdiff does not support it"),
+        (_set("unet.layers_per_block", "1"), "unet: layers_per_block = '1' is not..."),
+        (_set("unet.sample_size", 8), "unet: sample_size = 8 does not match resolution 32 / 2..."),
+        (_set("vae.latent_channels", "4"), "vae: latent_channels = '4' is not an integer"),
+        (_set("scheduler.prediction_type", "noise"), "scheduler: ..."),
+        (_set("defaults.steps", 0), "defaults: steps = 0 is not a positive integer"),
+    ],
+)
+def test_cli_names_the_recipe_key(tmp_path, capsys, no_slow_work, change, message):
+    recipe = tiny_recipe()
+    change(recipe)
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    _refused(capsys, ["--recipe", str(path), "--out", str(tmp_path / "m")], f"{path}: {message}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.json"]
+
+
+def test_cli_refuses_a_vae_folder_that_is_not_a_vae(folder, tmp_path, capsys, no_slow_work):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(tiny_recipe()))
+    unet = folder / "unet"
+    argv = ["--recipe", str(recipe), "--vae", str(unet), "--out", str(tmp_path / "m")]
+    _refused(capsys, argv, f"{unet} is not a VAE folder: its config.json is a UNet2DConditionModel's...")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_cli_refuses_an_out_it_would_overwrite(tmp_path, capsys, no_slow_work, kind):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(tiny_recipe()))
+    out, mine = tmp_path / "out", tmp_path / "out" / "mine.txt"
+    if kind == "file":
+        out.write_text("mine")
+        what = "it is a file, not a folder"
+    else:
+        out.mkdir()
+        mine.write_text("mine")
+        what = "it is a folder with other files in it and no latentdiff.json of an earlier save"
+    _refused(capsys, ["--recipe", str(recipe), "--out", str(out)], f"cannot save to {out}: {what}...")
+    assert (out if kind == "file" else mine).read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.json"]
+    if kind == "folder":
+        assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.parametrize("count", ["-5", "0", "ten"])
+def test_cli_num_captions_must_be_positive(tmp_path, capsys, no_slow_work, count):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(tiny_recipe()))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--recipe", str(recipe), "--out", str(tmp_path / "m"), "--num-captions", count])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument --num-captions: '{count}' is not a positive integer; leave it out" in err
+    assert "Traceback" not in err and not (tmp_path / "m").exists()
+
+
+def test_cli_replaces_an_earlier_save(tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(tiny_recipe()))
+    argv = ["--recipe", str(recipe), "--out", str(tmp_path / "m"), "--num-captions", "5"]
+    assert main(argv) == 0 and main(argv) == 0
+    assert (tmp_path / "m" / "model_index.json").is_file()

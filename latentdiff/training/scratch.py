@@ -11,7 +11,7 @@ trains U-Net and text encoder together.
 Recipe keys used here (a JSON object; other keys, e.g. training settings, are ignored):
     name           model name stored with the folder
     seed           initialisation seed (default 0)
-    resolution     training/sampling size in pixels; sets the U-Net's sample_size
+    resolution     training/sampling size in pixels, a multiple of the VAE's factor; sets the U-Net's sample_size
     tokenizer      {"vocab_size", "model_max_length", "min_frequency", "num_captions"}
     text_encoder   CLIPTextConfig fields (vocab_size, token ids, max_position_embeddings are
                    filled in from the tokenizer)
@@ -24,6 +24,7 @@ Recipe keys used here (a JSON object; other keys, e.g. training settings, are ig
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -32,42 +33,110 @@ from typing import Any
 
 import torch
 
-from latentdiff.config import read_json
+from latentdiff.config import fits, from_config_dict, read_json
 
 RECIPE_KEYS = ("name", "resolution", "tokenizer", "text_encoder", "unet", "scheduler", "defaults")
+SECTIONS = ("tokenizer", "text_encoder", "unet", "scheduler", "defaults")  # the keys holding JSON objects
+TOKENIZER_KEYS = ("vocab_size", "model_max_length", "min_frequency", "num_captions")
+TEXT_ENCODER_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 class RecipeError(ValueError):
     """A recipe that cannot build a model; the message names the key."""
 
 
-def check_recipe(recipe: dict[str, Any]) -> None:
-    """Fail early, naming the key, on a recipe that misses a section or disagrees with itself."""
+def _is_positive_int(value: Any) -> bool:
+    return fits(value, int) and value > 0
+
+
+def _located(error: Exception, where: str) -> RecipeError:
+    """`error` as a RecipeError whose message starts with `where` (the recipe file and section)."""
+    message = str(error)
+    return RecipeError(message if message.startswith(where) else f"{where}: {message}")
+
+
+def check_recipe(recipe: dict[str, Any], where: str = "recipe") -> None:
+    """Fail early, naming the recipe (`where`) and the key, on a recipe that misses a section, has a value of
+    the wrong type or disagrees with itself; cheap: builds no model and trains no tokenizer."""
+    from latentdiff.clip import CLIPTextSettings
+    from latentdiff.pipeline import check_defaults
+    from latentdiff.training.tokenizer import train_clip_tokenizer
+    from latentdiff.unet import UNET_TOLERATED, UNetConfig
+
     missing = [k for k in RECIPE_KEYS if k not in recipe]
     if missing:
-        raise RecipeError(f"recipe is missing {missing}; it needs {list(RECIPE_KEYS)}")
-    from latentdiff.pipeline import check_defaults
-
+        raise RecipeError(f"{where}: missing {missing}; a recipe needs {list(RECIPE_KEYS)}")
+    for key in SECTIONS:
+        if not isinstance(recipe[key], dict):
+            raise RecipeError(f"{where}: {key} must be a JSON object ({{...}}), got {recipe[key]!r}")
+    if not isinstance(recipe["name"], str) or not recipe["name"]:
+        raise RecipeError(f"{where}: name = {recipe['name']!r} is not a model name (a non-empty string)")
+    if not fits(recipe.get("seed", 0), int):
+        raise RecipeError(f"{where}: seed = {recipe['seed']!r} is not an integer")
+    if not _is_positive_int(recipe["resolution"]):
+        raise RecipeError(f"{where}: resolution = {recipe['resolution']!r} is not a positive integer (pixels)")
     try:
-        check_defaults(recipe["defaults"], "recipe defaults")
+        check_defaults(recipe["defaults"], f"{where}: defaults")
     except ValueError as e:
         raise RecipeError(str(e)) from None
-    width = recipe["text_encoder"].get("hidden_size")
-    cross = recipe["unet"].get("cross_attention_dim", width)
+
+    tok = recipe["tokenizer"]
+    for key, value in tok.items():
+        if key not in TOKENIZER_KEYS:
+            raise RecipeError(f"{where}: tokenizer: unknown key {key!r}; the keys are {list(TOKENIZER_KEYS)}")
+        if not _is_positive_int(value):
+            raise RecipeError(f"{where}: tokenizer: {key} = {value!r} is not a positive integer")
+    with tempfile.TemporaryDirectory() as tmp:  # the tokenizer's own checks, on no captions: milliseconds
+        try:
+            train_clip_tokenizer((), Path(tmp), **{k: v for k, v in tok.items() if k != "num_captions"})
+        except ValueError as e:
+            raise _located(e, f"{where}: tokenizer") from None
+
+    text = recipe["text_encoder"]
+    text_where = f"{where}: text_encoder"
+    try:  # the field types first (CLIPTextSettings takes any), then what CLIPTextSettings itself refuses
+        shape = {f.name for f in dataclasses.fields(CLIPTextSettings)}
+        from_config_dict(CLIPTextSettings, {k: v for k, v in text.items() if k in shape}, text_where)
+        for key in TEXT_ENCODER_SIZES:
+            if key in text and not _is_positive_int(text[key]):
+                raise RecipeError(f"{text_where}: {key} = {text[key]!r} is not a positive integer")
+        CLIPTextSettings.from_dict(text, text_where)
+    except ValueError as e:
+        raise _located(e, text_where) from None
+    try:  # the U-Net section's keys and types, before they are compared with the text encoder's
+        from_config_dict(UNetConfig, recipe["unet"], f"{where}: unet", tolerated=UNET_TOLERATED)
+    except ValueError as e:
+        raise _located(e, f"{where}: unet") from None
+    width = text.get("hidden_size")
     if width is None:
-        raise RecipeError("recipe text_encoder needs hidden_size")
+        raise RecipeError(f"{text_where}: hidden_size is missing; it sets the text width (e.g. 128)")
+    cross = recipe["unet"].get("cross_attention_dim", width)
     if cross != width:
         raise RecipeError(
-            f"recipe: unet cross_attention_dim ({cross}) must equal text_encoder hidden_size ({width}), "
+            f"{where}: unet cross_attention_dim ({cross!r}) must equal text_encoder hidden_size ({width}), "
             "the width of the context the U-Net attends to"
         )
-    window = recipe["tokenizer"].get("model_max_length", 77)
-    positions = recipe["text_encoder"].get("max_position_embeddings", window)
+    window = tok.get("model_max_length", 77)
+    positions = text.get("max_position_embeddings", window)
     if positions != window:
         raise RecipeError(
-            f"recipe: text_encoder max_position_embeddings ({positions}) must equal tokenizer "
+            f"{where}: text_encoder max_position_embeddings ({positions!r}) must equal tokenizer "
             f"model_max_length ({window})"
         )
+    if "vae" in recipe and not isinstance(recipe["vae"], dict):
+        raise RecipeError(f"{where}: vae must be a JSON object ({{...}}), got {recipe['vae']!r}")
+
+
+def check_out(out: str | Path) -> Path:
+    """The rule save_pretrained follows, checked before any work: `out` is new, empty or an earlier save."""
+    from latentdiff import folders
+    from latentdiff.training.errors import TrainingError
+
+    try:
+        folders.check_replaceable(out, folders.DEFAULTS_FILE)
+    except FileExistsError as e:
+        raise TrainingError(str(e)) from None
+    return Path(out)
 
 
 def shapes_captions(count: int, seed: int = 0, size: int = 64) -> Iterator[str]:
@@ -94,7 +163,7 @@ def folder_captions(folder: str | Path) -> list[str]:
 def load_vae(folder: str | Path):
     """Our VAE from a `vae/` folder (config.json + safetensors), or from a folder holding one."""
     from latentdiff import folders
-    from latentdiff.vae import VAE, VAEConfig
+    from latentdiff.vae import VAE, VAE_TOLERATED, VAEConfig
 
     folder = Path(folder)
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
@@ -103,12 +172,19 @@ def load_vae(folder: str | Path):
         raise FileNotFoundError(
             f"no trained VAE in {folder}: expected config.json and diffusion_pytorch_model.safetensors"
         )
-    vae = VAE(VAEConfig.from_dict(read_json(folder / "config.json")))
+    config = read_json(folder / "config.json")
+    kind = config.get("_class_name", "AutoencoderKL")
+    if kind != "AutoencoderKL":
+        raise folders.ModelFolderError(
+            f"{folder} is not a VAE folder: its config.json is a {kind}'s, not an AutoencoderKL's; give a trained "
+            "VAE's folder (config.json + diffusion_pytorch_model.safetensors) or a model folder holding vae/"
+        )
+    vae = VAE(from_config_dict(VAEConfig, config, str(folder / "config.json"), tolerated=VAE_TOLERATED))
     folders.load_weights(vae, folder, "diffusion_pytorch_model")
     return vae
 
 
-def build_text_encoder(config: dict[str, Any], tokenizer):
+def build_text_encoder(config: dict[str, Any], tokenizer, where: str = "recipe: text_encoder"):
     """A random CLIP text encoder whose vocabulary, window and special ids are the tokenizer's."""
     from latentdiff.clip import CLIPTextEncoder, CLIPTextSettings
 
@@ -120,37 +196,87 @@ def build_text_encoder(config: dict[str, Any], tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextEncoder(CLIPTextSettings.from_dict(fields, "recipe text_encoder"), fields).init_weights()
+    return CLIPTextEncoder(CLIPTextSettings.from_dict(fields, where), fields).init_weights()
 
 
-def init_model_folder(
-    recipe: dict[str, Any],
-    captions: Iterable[str],
-    vae_folder: str | Path | None,
-    out: str | Path,
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Tokenizer trained on `captions`, random text encoder and U-Net, the trained VAE; written to `out`.
+@dataclasses.dataclass
+class Plan:
+    """A checked recipe with everything but the slow parts (tokenizer, random weights) worked out."""
 
-    With `vae_folder` None a random VAE is built from recipe["vae"] (for tests; a real recipe trains it
-    first, see latentdiff.training.vae_train). Initialisation is seeded by recipe["seed"] and leaves the
-    global RNG as it was.
-    """
-    from latentdiff.pipeline import LatentDiffusionPipeline
+    recipe: dict[str, Any]
+    where: str  # names the recipe in messages
+    out: Path
+    vae: Any  # the trained VAE, or None: built from vae_config under the recipe's seed
+    vae_config: Any
+    unet_config: Any
+    scheduler_config: Any
+
+
+def prepare(recipe: dict[str, Any], vae_folder: str | Path | None, out: str | Path, where: str = "recipe") -> Plan:
+    """Every check init_model_folder makes, in moments: the recipe (named `where`), the VAE, the out folder."""
     from latentdiff.schedules import ScheduleConfig
-    from latentdiff.training.tokenizer import train_clip_tokenizer
-    from latentdiff.unet import UNet, UNetConfig
-    from latentdiff.vae import VAE, VAEConfig
+    from latentdiff.unet import UNET_TOLERATED, UNetConfig
+    from latentdiff.vae import VAE_TOLERATED, VAEConfig
 
-    check_recipe(recipe)
-    scheduler_config = ScheduleConfig.from_dict(recipe["scheduler"], where="recipe scheduler")
+    check_recipe(recipe, where)
+    out = check_out(out)
+    try:
+        scheduler_config = ScheduleConfig.from_dict(recipe["scheduler"], where=f"{where}: scheduler")
+    except ValueError as e:
+        raise _located(e, f"{where}: scheduler") from None
     if vae_folder is not None:
         vae = load_vae(vae_folder)
+        vae_config = vae.config
     elif "vae" in recipe:
-        vae = None  # built below, under the seed
+        vae = None  # built later, under the seed
+        try:
+            vae_config = from_config_dict(VAEConfig, recipe["vae"], f"{where}: vae", tolerated=VAE_TOLERATED)
+        except ValueError as e:
+            raise _located(e, f"{where}: vae") from None
     else:
-        raise RecipeError("no trained VAE given (--vae) and the recipe has no 'vae' config to build one")
+        raise RecipeError(f"no trained VAE given (--vae) and {where} has no 'vae' config to build one")
 
+    factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    resolution = recipe["resolution"]
+    if resolution % factor:
+        low = resolution - resolution % factor
+        raise RecipeError(
+            f"{where}: resolution = {resolution} is not a multiple of {factor}, the VAE's downsampling factor; "
+            f"use e.g. {low or factor} or {low + factor}"
+        )
+    unet_where = f"{where}: unet"
+    unet = dict(recipe["unet"])
+    unet.setdefault("cross_attention_dim", recipe["text_encoder"]["hidden_size"])
+    unet.setdefault("sample_size", resolution // factor)
+    unet.setdefault("in_channels", vae_config.latent_channels)
+    unet.setdefault("out_channels", vae_config.latent_channels)
+    try:
+        unet_config = from_config_dict(UNetConfig, unet, unet_where, tolerated=UNET_TOLERATED)
+    except ValueError as e:
+        raise _located(e, unet_where) from None
+    latent = resolution // factor
+    if unet_config.sample_size not in (latent, (latent, latent)):
+        raise RecipeError(
+            f"{unet_where}: sample_size = {unet['sample_size']!r} does not match resolution {resolution} / "
+            f"{factor} (the VAE's downsampling factor) = {latent}; leave sample_size out or make them agree"
+        )
+    for key in ("in_channels", "out_channels"):
+        if getattr(unet_config, key) != vae_config.latent_channels:
+            raise RecipeError(
+                f"{unet_where}: {key} ({getattr(unet_config, key)}) must equal the VAE's "
+                f"latent_channels ({vae_config.latent_channels})"
+            )
+    return Plan(recipe, where, out, vae, vae_config, unet_config, scheduler_config)
+
+
+def build(plan: Plan, captions: Iterable[str], dtype: torch.dtype | None = None) -> Path:
+    """The slow part of init_model_folder, on a prepared plan: train the tokenizer, initialise, save."""
+    from latentdiff.pipeline import LatentDiffusionPipeline
+    from latentdiff.training.tokenizer import train_clip_tokenizer
+    from latentdiff.unet import UNet
+    from latentdiff.vae import VAE
+
+    recipe = plan.recipe
     tok = recipe["tokenizer"]
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = train_clip_tokenizer(
@@ -163,32 +289,49 @@ def init_model_folder(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.get("seed", 0))
-        text_encoder = build_text_encoder(recipe["text_encoder"], tokenizer)
-        if vae is None:
-            vae = VAE(VAEConfig.from_dict(recipe["vae"]))
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        unet_config = dict(recipe["unet"])
-        unet_config.setdefault("cross_attention_dim", text_encoder.config.hidden_size)
-        unet_config.setdefault("sample_size", recipe["resolution"] // factor)
-        unet_config.setdefault("in_channels", vae.config.latent_channels)
-        unet_config.setdefault("out_channels", vae.config.latent_channels)
-        if unet_config["in_channels"] != vae.config.latent_channels:
-            raise RecipeError(
-                f"recipe unet in_channels ({unet_config['in_channels']}) must equal the VAE's "
-                f"latent_channels ({vae.config.latent_channels})"
-            )
-        unet = UNet(UNetConfig.from_dict(unet_config))
+        text_encoder = build_text_encoder(recipe["text_encoder"], tokenizer, f"{plan.where}: text_encoder")
+        vae = plan.vae if plan.vae is not None else VAE(plan.vae_config)
+        unet = UNet(plan.unet_config)
 
     pipe = LatentDiffusionPipeline(
         unet,
         vae,
         text_encoder,
         tokenizer,
-        scheduler_config,
+        plan.scheduler_config,
         defaults=dict(recipe["defaults"]),
         name=recipe["name"],
     )
-    return pipe.save_pretrained(out, dtype=dtype)
+    return pipe.save_pretrained(plan.out, dtype=dtype)
+
+
+def init_model_folder(
+    recipe: dict[str, Any],
+    captions: Iterable[str],
+    vae_folder: str | Path | None,
+    out: str | Path,
+    dtype: torch.dtype | None = None,
+    where: str = "recipe",
+) -> Path:
+    """Tokenizer trained on `captions`, random text encoder and U-Net, the trained VAE; written to `out`.
+
+    With `vae_folder` None a random VAE is built from recipe["vae"] (for tests; a real recipe trains it
+    first, see latentdiff.training.vae_train). Initialisation is seeded by recipe["seed"] and leaves the
+    global RNG as it was. Everything is checked (see prepare) before the tokenizer is trained; `where`
+    names the recipe in the messages.
+    """
+    return build(prepare(recipe, vae_folder, out, where), captions, dtype)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a count of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer; leave it out for the recipe's count")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,13 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--recipe", required=True, help="recipe JSON (training/recipes/default/recipe.json)")
     p.add_argument("--vae", default=None, help="trained VAE: a vae/ folder or a folder holding one")
-    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--out", required=True, help="model folder to write (new, empty, or an earlier one to replace)")
     p.add_argument(
         "--data",
         default="shapes",
         help="where the tokenizer's captions come from: 'shapes' / 'shapes:SEED' or an image-caption folder",
     )
-    p.add_argument("--num-captions", type=int, default=None, help="Shapes scenes to caption (default: recipe)")
+    p.add_argument("--num-captions", type=positive_int, default=None, help="Shapes scenes to caption (default: recipe)")
     return p
 
 
@@ -217,15 +360,18 @@ def main(argv=None) -> int:
     try:
         recipe = read_json(args.recipe)
         shapes_seed = parse_shapes_spec(args.data)
+        plan = prepare(recipe, args.vae, args.out, where=args.recipe)  # before any slow work
         if shapes_seed is not None:
-            count = args.num_captions or recipe.get("tokenizer", {}).get("num_captions", 20_000)
-            captions = shapes_captions(count, shapes_seed, recipe.get("resolution", 64))
+            count = args.num_captions or recipe["tokenizer"].get("num_captions", 20_000)
+            captions = shapes_captions(count, shapes_seed, recipe["resolution"])
         else:
             captions = folder_captions(args.data)
+            if not captions:
+                raise TrainingError(f"--data {args.data}: no captions found to train the tokenizer on")
         if args.vae is None:
             print("note: no --vae given; the model gets an untrained VAE from the recipe", file=sys.stderr)
-        out = init_model_folder(recipe, captions, args.vae, args.out)
-    except (RecipeError, TrainingError, FileNotFoundError, ValueError) as e:
+        out = build(plan, captions)
+    except (RecipeError, TrainingError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
