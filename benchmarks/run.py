@@ -302,6 +302,42 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def whole_numbers(parser, flag: str, text: str, example: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag} takes whole numbers separated by commas (e.g. {flag} {example}), got {text!r}")
+
+
+def check_args(parser, args) -> None:
+    """Every option, before the first benchmark: a mistake must not cost a run (nor its table, at the end)."""
+    args.rows = set(whole_numbers(parser, "--rows", args.rows, "1,3"))
+    if not args.rows <= set(range(1, 8)):
+        parser.error(f"--rows {','.join(map(str, sorted(args.rows)))}: there are rows 1 to 7 only")
+    sizes = args.sizes
+    args.sizes = whole_numbers(parser, "--sizes", sizes, "256,512") if sizes else None
+    if args.sizes and not all(s >= 8 and s % 8 == 0 for s in args.sizes):
+        parser.error(f"--sizes {sizes}: every pixel size must be a positive multiple of 8, e.g. 256,512")
+    for flag, value in (("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.json is not None:
+        out = Path(args.json)
+        if out.is_dir() or not out.parent.is_dir():
+            parser.error(f"--json {out}: give a file path in an existing folder")
+        if out.exists() and not earlier_rows(out):
+            parser.error(f"--json {out} already exists and is not rows of an earlier run; choose another path")
+
+
+def earlier_rows(path: Path) -> bool:
+    """Whether `path` holds rows this script wrote (a JSON list of objects with a "row"), which a run may replace."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and "row" in r for r in rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="1,2,3,4,5", help="comma-separated rows (6: bf16, 7: compile)")
@@ -311,9 +347,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
-    args.rows = {int(r) for r in args.rows.split(",")}
+    check_args(p, args)
     args.repeats = args.repeats or (2 if args.quick else 5)
-    args.sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

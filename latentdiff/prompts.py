@@ -172,7 +172,7 @@ def parse_txt_line(line: str, number: int = 1) -> PromptJob | LineError:
                 raise ValueError(f"option --{name} given twice")
             if not value:
                 raise ValueError(f"option --{name} needs a value")
-            values[field] = _convert(field, value, f"--{name}")
+            values[field] = convert_value(field, value, f"--{name}")
         if not prompt:
             raise ValueError("no prompt before the options" if tokens else "no prompt")
     except ValueError as e:
@@ -241,7 +241,7 @@ def _job_from_mapping(obj: dict[str, Any], number: int, strings_are_text: bool) 
                     raise ValueError(f"{key!r} must be a string, got {json.dumps(value)}")
                 values[key] = value
             elif strings_are_text:
-                values[key] = _convert(key, value.strip(), repr(key))
+                values[key] = convert_value(key, value.strip(), repr(key))
             else:
                 values[key] = _convert_json(key, value)
         if not values.get("prompt", "").strip():
@@ -254,7 +254,7 @@ def _job_from_mapping(obj: dict[str, Any], number: int, strings_are_text: bool) 
 _INT_FIELDS = {"seed", "steps", "width", "height", "images"}
 
 
-def _convert(field: str, value: str, name: str) -> Any:
+def convert_value(field: str, value: str, name: str) -> Any:
     """Text value -> typed, checked value for `field`; ValueError naming the option otherwise."""
     if field in ("negative_prompt", "prompt"):
         return value

@@ -26,6 +26,7 @@ import argparse
 import copy
 import dataclasses
 import os
+from pathlib import Path
 
 import torch
 
@@ -60,7 +61,20 @@ def caption_sets():
     return trained, heldout, others
 
 
-def main(argv=None) -> None:
+def check_out(parser, out: Path, model: Path) -> None:
+    """--out, before training: a save replaces only an earlier latentdiff save (as save_pretrained does), and
+    never the --model folder itself."""
+    from latentdiff.folders import DEFAULTS_FILE
+
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; give a folder for the model")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEFAULTS_FILE).is_file():
+        parser.error(f"--out {out} holds files that are not a latentdiff model save; choose a new or empty folder")
+    if out.resolve() == model.resolve():
+        parser.error(f"--out {out} is the --model folder; write the trained model to another folder")
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="weights/shapes-tiny")
     p.add_argument("--steps", type=int, default=2000)
@@ -69,12 +83,19 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the model folder with the trained text encoder here")
     args = p.parse_args(argv)
+    if args.steps < 0 or args.batch_size < 2 or not args.lr > 0:
+        p.error("--steps must not be negative, --batch-size must be at least 2 and --lr above 0")
+    if args.out is not None:
+        check_out(p, Path(args.out), Path(args.model))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from latentdiff.eval.captions import format_caption
     from latentdiff.pipeline import LatentDiffusionPipeline
 
     torch.manual_seed(args.seed)
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32)
+    try:
+        pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32)
+    except (OSError, ValueError) as e:  # a missing folder, not a model folder (ModelFolderError), bad weights
+        p.error(f"cannot load --model {args.model}: {e}")
     trained, heldout, others = caption_sets()
     halves = sorted({s for prompt in trained + heldout for s in sub_captions(prompt)})
     with torch.no_grad():
@@ -131,7 +152,8 @@ def main(argv=None) -> None:
         pipe.text_encoder = student.eval().requires_grad_(False)
         pipe.save_pretrained(args.out)
         print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -18,7 +18,6 @@ themselves: ~0.33). If only `bound` learns, the text encoder is what stops relat
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 import torch
@@ -88,7 +87,7 @@ def pair_latents(pipe, per_caption: int, seed: int) -> tuple[list[str], list[tor
     return captions, latents
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="weights/shapes-tiny")
     p.add_argument("--context", choices=["text", "bound"], required=True)
@@ -98,10 +97,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pictures", type=int, default=60, help="pictures per caption")
     args = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from latentdiff.pipeline import LatentDiffusionPipeline
-
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32)
+    if args.steps < 0 or args.batch_size < 1 or args.pictures < 1 or not args.lr > 0:
+        p.error("--steps must not be negative, --batch-size and --pictures at least 1, and --lr above 0")
+    pipe = relation_probe().load_pipeline(p, args.model, dtype=torch.float32)
     encode = make_encoder(pipe, args.context)
     captions, latents = pair_latents(pipe, per_caption=args.pictures, seed=args.seed)
     with torch.no_grad():
@@ -116,7 +114,8 @@ def main(argv=None) -> None:
         pipe, "images", args.steps, args.lr, args.batch_size, None, 0, seed=args.seed, examples=examples, probe=probe
     ):
         print(f"step {step:5d}  pair asymmetry {number:.4f}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -116,11 +116,41 @@ UNITS = {"vae": vae_training_unit, "unet": unet_training_unit, "sample": samplin
 
 
 def _apply(recipe: dict, assignments: list[str]) -> None:
-    """--set section.key=JSON overrides, e.g. unet.block_out_channels=[32,64,128]."""
+    """--set section.key=JSON overrides, e.g. unet.block_out_channels=[32,64,128]; ValueError naming a bad one."""
     for item in assignments:
-        path, value = item.split("=", 1)
-        section, key = path.split(".", 1)
-        recipe[section][key] = json.loads(value)
+        path, eq, value = item.partition("=")
+        section, dot, key = path.partition(".")
+        if not (eq and dot and section and key):
+            raise ValueError(f"{item!r} is not SECTION.KEY=JSON (e.g. unet.layers_per_block=2)")
+        if not isinstance(recipe.get(section), dict):
+            sections = ", ".join(k for k, v in recipe.items() if isinstance(v, dict))
+            raise ValueError(f"{item!r}: the recipe has no section {section!r}; it has {sections}")
+        try:
+            recipe[section][key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"{item!r}: {value!r} is not JSON (a string needs quotes: '\"text\"')") from None
+
+
+def read_recipe(parser, path: str, sets: list[str], variants: list[str]) -> tuple[dict, dict[str, list[str]]]:
+    """(the recipe with --set applied, {variant: its assignments}): every option checked before any timing."""
+    try:
+        base = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        parser.error(f"cannot read --recipe {path}: {getattr(e, 'strerror', None) or e}")
+    if not isinstance(base, dict):
+        parser.error(f"--recipe {path} is not a recipe: expected a JSON object like {HERE / 'recipe.json'}")
+    found = {"recipe": []}
+    try:
+        _apply(base, sets)
+        for v in variants:
+            name, _, assignments = v.partition(":")
+            if not name or name in found:
+                raise ValueError(f"--variant {v!r}: give each variant a new name before the ':'")
+            found[name] = [x for x in assignments.split(";") if x]
+            _apply(json.loads(json.dumps(base)), found[name])
+    except ValueError as e:
+        parser.error(f"--set/--variant: {e}")
+    return base, found
 
 
 def main(argv=None) -> int:
@@ -139,22 +169,23 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="timed runs of each unit, interleaved")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
+    if a.rounds < 1 or a.threads < 1:
+        p.error(f"--rounds and --threads must be at least 1, got {a.rounds} and {a.threads}")
+    base, variants = read_recipe(p, a.recipe, a.set, a.variant)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    base = json.loads(Path(a.recipe).read_text())
-    _apply(base, a.set)
-    variants = {"recipe": []}
-    for v in a.variant:
-        name, _, sets = v.partition(":")
-        variants[name] = [x for x in sets.split(";") if x]
     units = {}
-    for vname, sets in variants.items():
+    for vname, sets in variants.items():  # every unit is built before the first runs: a bad value fails fast
         recipe = json.loads(json.dumps(base))
         _apply(recipe, sets)
         for kind in a.only or list(UNITS):
-            fn, meta = UNITS[kind](recipe, a.impl)
-            fn()  # warm-up
+            try:
+                fn, meta = UNITS[kind](recipe, a.impl)
+            except (KeyError, TypeError, ValueError) as e:  # a value of the wrong kind, a section left out
+                p.error(f"the {vname!r} recipe cannot build the {kind} unit: {type(e).__name__}: {e}")
             units[(kind, vname)] = (fn, meta, [])
+    for fn, _, _ in units.values():
+        fn()  # warm-up
     for _ in range(a.rounds):  # interleaved, so a busy spell of the shared machine hits all alike
         for fn, _, times in units.values():
             t0 = time.perf_counter()

@@ -171,17 +171,32 @@ def layout_asymmetry(
     return out
 
 
-def main(argv=None) -> None:
+def load_pipeline(parser, model, **kwargs):
+    """The pipeline of --model (this script's, binding_probe.py's): a folder that is missing or not a model is
+    the user's mistake, given as one error line."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    try:
+        return LatentDiffusionPipeline.from_pretrained(model, **kwargs)
+    except (OSError, ValueError) as e:  # a ModelFolderError is a ValueError
+        parser.error(f"cannot load --model {model}: {e}")
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="weights/shapes-tiny")
     p.add_argument("--scenes", type=int, default=96)
     p.add_argument("--seed", type=int, default=4242)
     p.add_argument("--data", type=Path, default=None, help="a folder with metadata.jsonl instead of relation scenes")
     args = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from latentdiff.pipeline import LatentDiffusionPipeline
-
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    if args.scenes < 1:
+        p.error(f"--scenes must be at least 1, got {args.scenes}")
+    if args.seed < 0:
+        p.error(f"--seed must not be negative, got {args.seed}")
+    if args.data is not None and not (args.data / "metadata.jsonl").is_file():
+        p.error(f"--data {args.data} has no metadata.jsonl; give a folder written by side_data.py")
+    pipe = load_pipeline(p, args.model)
     rows = probe(pipe, args.scenes, args.seed, args.data)
     edits = [k for k in next(iter(rows.values())) if k != "true"]
     print(f"{'t':>4}  {'true mse':>9}  " + "  ".join(f"{k:>9}" for k in edits))
@@ -197,7 +212,8 @@ def main(argv=None) -> None:
         "layout asymmetry at t=950 (how far the predicted layout mirrors with the side word; training "
         "images ~0.4): " + ", ".join(f"{k} {v:.4f}" for k, v in layout.items())
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -57,10 +57,11 @@ def shapes_examples(
     unnamed_background: float = 0.0,
     backgrounds: dict[str, float] | None = None,
 ):
-    """Yield (image, caption) of train.py's `--data shapes` kind (held-out combinations excluded); `canonical`:
-    the suite's wording ("a red circle to the left of a blue square on a gray background"), no paraphrases.
-    `unnamed_background`: with `canonical`, the share of captions that leave the background out, as a quarter
-    of the held-out suite's prompts do (always named otherwise, so such prompts were never trained on).
+    """Yield (image, caption, scene dict) of train.py's `--data shapes` kind (held-out combinations excluded);
+    `canonical`: the suite's wording ("a red circle to the left of a blue square on a gray background"), no
+    paraphrases. `unnamed_background`: with `canonical`, the share of captions that leave the background out,
+    as a quarter of the held-out suite's prompts do (always named otherwise, so such prompts were never trained
+    on).
     `backgrounds`: background weights (default: uniform)."""
     from latentdiff.data.shapes import ShapesDataset, unnamed_background_caption
     from latentdiff.training.data import heldout_combinations
@@ -71,7 +72,7 @@ def shapes_examples(
     for i in range(count):
         example = scenes[i]
         text = unnamed_background_caption(example, seed, i, unnamed_background) if canonical else example["text"]
-        yield example["image"], text
+        yield example["image"], text, example["scene"]
 
 
 def write(
@@ -84,23 +85,38 @@ def write(
     unnamed_background=0.0,
     backgrounds=None,
 ) -> Path:
+    """Write the folder as `latentdiff shapes` writes a Shapes set (a "scene" in every metadata line), so that
+    only a new or empty folder or an earlier Shapes set is replaced (FileExistsError otherwise), metadata.jsonl
+    appears only when every image is there, and an earlier set's surplus images go."""
     import itertools
+    import os
 
-    from latentdiff.data.shapes import render
+    from latentdiff.data.shapes import IMAGE_NAME, WRITING, _check_replaceable, render
 
-    sides = ((render(scene), text) for scene, text in side_examples(count, seed, canonical))
+    _check_replaceable(out)
+    sides = ((render(scene), text, scene.to_dict()) for scene, text in side_examples(count, seed, canonical))
+    examples = itertools.chain(sides, shapes_examples(scenes, seed, mix, canonical, unnamed_background, backgrounds))
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
-        for i, (image, text) in enumerate(
-            itertools.chain(sides, shapes_examples(scenes, seed, mix, canonical, unnamed_background, backgrounds))
-        ):
-            name = f"{i:06d}.png"
-            image.save(out / name, compress_level=1)
-            f.write(json.dumps({"file_name": name, "text": text}) + "\n")
-    return out / "metadata.jsonl"
+    metadata, partial, names = out / "metadata.jsonl", out / ".metadata.jsonl.partial", set()
+    (out / WRITING).write_text("side_data.py is writing a Shapes set here; metadata.jsonl comes last\n")
+    metadata.unlink(missing_ok=True)  # its captions would describe other images
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            for i, (image, text, scene) in enumerate(examples):
+                names.add(f"{i:06d}.png")
+                image.save(out / f"{i:06d}.png", compress_level=1)
+                f.write(json.dumps({"file_name": f"{i:06d}.png", "text": text, "scene": scene}) + "\n")
+        for path in out.iterdir():
+            if IMAGE_NAME.fullmatch(path.name) and path.name not in names:
+                path.unlink()
+        os.replace(partial, metadata)
+    finally:
+        partial.unlink(missing_ok=True)
+    (out / WRITING).unlink()
+    return metadata
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--count", type=int, default=20000)
@@ -124,6 +140,8 @@ def main(argv=None) -> None:
         p.error(f"--unnamed-background must be a share between 0 and 1, got {args.unnamed_background}")
     if args.unnamed_background and not args.canonical:
         p.error("--unnamed-background needs --canonical (paraphrased captions already leave it out half the time)")
+    from latentdiff.cli import UserError, prepare_out
+    from latentdiff.data.shapes import _check_replaceable
     from latentdiff.training.data import DataError, parse_background_mix, parse_shapes_mix
 
     try:
@@ -131,10 +149,21 @@ def main(argv=None) -> None:
         backgrounds = parse_background_mix(args.background_mix)
     except DataError as e:
         p.error(str(e))
+    for flag, value in (("--count", args.count), ("--scenes", args.scenes), ("--seed", args.seed)):
+        if value < 0:
+            p.error(f"{flag} must not be negative, got {value}")
+    if args.count + args.scenes < 1:
+        p.error("--count and --scenes are both 0: nothing to write; give at least one of them")
+    try:
+        _check_replaceable(args.out)  # by write(), too: here to refuse before the folder is made
+        prepare_out(args.out)
+    except (FileExistsError, UserError) as e:
+        p.error(str(e))
     print(
         write(args.out, args.count, args.seed, args.scenes, mix, args.canonical, args.unnamed_background, backgrounds)
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -28,8 +28,20 @@ def tuning_prompts(count: int, unnamed_background: float = 0.0) -> list[str]:
     return [text for text in texts if text not in suite][:count]
 
 
+def parse_list(parser, flag: str, text: str, field: str) -> list:
+    """A comma-separated option -> its checked values (eval's rules for `field`); one error line otherwise."""
+    from latentdiff.prompts import convert_value
+
+    try:
+        return [convert_value(field, item.strip(), flag) for item in text.split(",")]
+    except ValueError as e:
+        parser.error(f"{e} (in {flag} {text!r}, a comma-separated list)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from latentdiff.cli import UserError, prepare_out
     from latentdiff.cli import main as cli
+    from latentdiff.folders import ModelFolderError, check_model_root
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
@@ -48,14 +60,29 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0.0 <= args.unnamed_background <= 1.0:
         p.error(f"--unnamed-background must be a share between 0 and 1, got {args.unnamed_background}")
+    if args.count < 1:
+        p.error(f"--count must be at least 1, got {args.count}")
+    # every setting of the grid is checked now: a typo must not stop the run after hours of finished evals
+    samplers = parse_list(p, "--samplers", args.samplers, "sampler")
+    step_counts = parse_list(p, "--steps", args.steps, "steps")
+    scales = parse_list(p, "--guidance", args.guidance, "guidance_scale")
+    try:
+        check_model_root(args.model)
+    except ModelFolderError as e:
+        p.error(f"--model: {e}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prompt_file = out / "tuning_prompts.txt"
+    prompt_file = out / "tuning_prompts.txt"  # written first: it marks a folder as tune's own
+    if out.is_dir() and any(out.iterdir()) and not prompt_file.is_file():
+        p.error(f"--out {out} already holds files that are not an earlier tune.py run; choose a new or empty folder")
+    try:
+        prepare_out(out)
+    except UserError as e:
+        p.error(str(e))
     prompt_file.write_text("\n".join(tuning_prompts(args.count, args.unnamed_background)) + "\n", encoding="utf-8")
     rows = []
-    for sampler in args.samplers.split(","):
-        for steps in (int(s) for s in args.steps.split(",")):
-            for guidance in (float(g) for g in args.guidance.split(",")):
+    for sampler in samplers:
+        for steps in step_counts:
+            for guidance in scales:
                 where = out / f"{sampler}-s{steps}-g{guidance:g}"
                 flags = ["--model", args.model, "--prompts", str(prompt_file), "--out", str(where), "--seed", "0"]
                 flags += ["--images-per-prompt", "1", "--sampler", sampler, "--steps", str(steps)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +29,14 @@ def round_trips(vae, images: list[Image.Image], batch_size: int = 50) -> list[Im
     return [to_image(t) for t in torch.cat(out)]
 
 
+def check_sheet_path(parser, out: Path) -> None:
+    """--out, checked before the run: a .png file path in an existing folder (a file there is replaced)."""
+    if out.suffix.lower() != ".png" or out.is_dir():
+        parser.error(f"--out {out}: give a file path ending in .png for the contact sheet")
+    if not out.parent.is_dir():
+        parser.error(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
+
+
 def main(argv: list[str] | None = None) -> int:
     from latentdiff.data.shapes import render, scene_for_prompt
     from latentdiff.eval.captions import heldout_prompts, parse_caption
@@ -36,10 +45,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vae", required=True, help="a model folder or its vae/")
-    p.add_argument("--out", default=None, help="contact sheet of the round trips (failures framed)")
+    p.add_argument("--out", type=Path, default=None, help="contact sheet of the round trips (failures framed), .png")
     args = p.parse_args(argv)
-
-    vae = load_vae(args.vae).float().eval()
+    if args.out is not None:
+        check_sheet_path(p, args.out)
+    try:
+        vae = load_vae(args.vae).float().eval()
+    except (OSError, ValueError) as e:  # a missing folder, another component's config.json, bad weights
+        p.error(f"cannot load --vae {args.vae} as an autoencoder: {e}")
     prompts = heldout_prompts()
     rng = np.random.default_rng(0)
     scenes = [render(scene_for_prompt(parse_caption(text), rng)) for text in prompts]
