@@ -112,13 +112,15 @@ def test_a_bad_record_field_is_named_before_any_model_loads(image, tmp_path, cap
     [
         ({"width": 63}, "metadata field 'width' is invalid (63 is not a multiple of "),
         ({"clip_skip": 100}, "metadata field 'clip_skip' is invalid (100 is not below 2, the text encoder's layers)"),
+        ({"sampler": "ddim", "steps": 1000}, "metadata field 'steps' is invalid (1000 is not a count this model's"),
+        ({"sampler": "ddim", "karras": True}, "metadata field 'karras' is invalid (true is not possible with ddim"),
     ],
 )
 def test_a_record_the_model_cannot_follow_fails_before_the_call(image, tmp_path, capsys, loaded, change, message):
     path = with_record(image, tmp_path / "t.png", json.dumps({**record_of(image), **change}))
     assert main(["reproduce", str(path)]) == 2
     err = one_line_error(capsys)
-    assert message in err and "pass that one with --model" in err
+    assert message in err and ("pass that one with --model" in err or "karras" in change)
     assert len(loaded) == 1  # the model says what it can make; the pipeline itself is never called
 
 

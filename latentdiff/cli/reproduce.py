@@ -185,6 +185,18 @@ def check_record_fits(record: dict, pipe, path: Path) -> None:
     if (record.get("clip_skip") or 0) >= layers:
         wanted = f"below {layers}, the text encoder's layers"
         raise invalid_field(path, "clip_skip", record["clip_skip"], wanted, hint)
+    from latentdiff.samplers import make_sampler
+
+    try:
+        schedule = make_sampler(record["sampler"], pipe.scheduler_config, karras=bool(record.get("karras")))
+    except ValueError as e:  # Karras sigmas with a sampler that has none
+        raise invalid_field(path, "karras", record.get("karras"), f"possible with {record['sampler']} ({e})") from None
+    try:
+        schedule.set_timesteps(record["steps"])
+    except ValueError as e:  # more steps than this schedule can take
+        raise invalid_field(
+            path, "steps", record["steps"], f"a count this model's schedule takes ({e})", hint
+        ) from None
 
 
 def invalid_field(path: Path, key: str, value, wanted: str, hint: str = "") -> UserError:
