@@ -52,7 +52,9 @@ def export_checkpoint(model: str | Path, checkpoint: str | Path, out: str | Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m latentdiff.training.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the base model folder the run trained from (train.py --model)")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint-N folder of the run")
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint-N folder, or the run's output folder (its newest checkpoint)"
+    )
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--no-ema", action="store_true", help="export the raw trained weights, not their EMA")
     p.add_argument("--save-dtype", choices=["fp32", "fp16"], default="fp32")
