@@ -244,6 +244,12 @@ def test_cli_eval_images_round_trip(tmp_path, capsys):
     with Image.open(tmp_path / "out" / "contact_sheet.png") as sheet:
         assert sheet.width > 64
     assert "overall 1.000" in capsys.readouterr().out
+    # scored in place, or into a folder of its own: never beside another run's images
+    assert main(["eval", "--images", str(tmp_path / "gen"), "--out", str(tmp_path / "gen")]) == 0
+    _write_generated_folder(tmp_path / "other", prompts[:2])
+    assert main(["eval", "--images", str(tmp_path / "gen"), "--out", str(tmp_path / "other")]) == 2
+    assert "holds another run's manifest.jsonl and images; choose another --out" in capsys.readouterr().err
+    assert not (tmp_path / "other" / "report.json").exists()
 
 
 def test_cli_eval_refuses_non_canonical_manifest_line(tmp_path, capsys):

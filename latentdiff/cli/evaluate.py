@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -176,6 +177,10 @@ def run(args) -> int:
                 raise UserError(f"--{flag.replace('_', '-')} goes with --model, not --images")
         folder = Path(args.images)
         files, prompts = read_manifest(folder)
+        if (out / MANIFEST).exists() and os.path.realpath(out) != os.path.realpath(folder):
+            raise UserError(  # its report would sit beside, and seem to score, the images listed there
+                f"--out {out} holds another run's {MANIFEST} and images; choose another --out, or {folder} itself"
+            )
         with output_folder(out):
             report = evaluate(files, prompts, read_images(folder, files), out)
     else:
