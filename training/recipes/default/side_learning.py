@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -141,10 +140,7 @@ def main(argv=None) -> None:
         p.error("--target images needs --data (a folder written by side_data.py)")
     if not 1 <= args.kinds <= len(OBJECTS):
         p.error(f"--kinds must be 1..{len(OBJECTS)}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from latentdiff.pipeline import LatentDiffusionPipeline
-
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32)
+    pipe = relation_probe().load_pipeline(p, args.model, dtype=torch.float32)  # a bad --model: one line
     if args.fresh:
         from latentdiff.unet import UNet
 
