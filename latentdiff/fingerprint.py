@@ -20,5 +20,7 @@ def module_fingerprint(module: nn.Module, versions: bool = False) -> tuple:
         parts.append((id(m), kind, m.training, code))
         for t in (*m._parameters.values(), *m._buffers.values()):
             if t is not None:
-                parts.append((id(t), t.data_ptr(), t.dtype, t.device, t.shape, t._version if versions else 0))
+                # tensors made under inference_mode keep no version (and cannot be written outside it)
+                version = t._version if versions and not t.is_inference() else 0
+                parts.append((id(t), t.data_ptr(), t.dtype, t.device, t.shape, version))
     return tuple(parts), repr(getattr(module, "config", None))

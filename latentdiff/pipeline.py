@@ -470,7 +470,7 @@ def _is_int(value) -> bool:
 def _check_numbers(guidance_scale, eta, karras) -> None:
     """The real-valued settings: a NaN guidance scale or a negative eta would make noise, not an error."""
     for name, value, low in (("guidance_scale", guidance_scale, -math.inf), ("eta", eta, 0.0)):
-        if not _is_number(value) or not low <= value < math.inf:
+        if not _is_number(value) or not math.isfinite(value) or value < low:
             wanted = "a finite number" if low == -math.inf else f"a finite number >= {low:g}"
             raise ValueError(f"{name} must be {wanted}, got {value!r}")
     if karras is not None and not isinstance(karras, bool):

@@ -85,6 +85,7 @@ def one_line_error(capsys) -> str:
         ({"width": "64"}, '"64"', "a whole number of pixels >= 1"),
         ({"height": True}, "true", "a whole number of pixels >= 1"),
         ({"guidance_scale": float("nan")}, "NaN", "a finite number"),
+        ({"guidance_scale": float("-inf")}, "-Infinity", "a finite number"),
         ({"prompt": 5}, "5", "text"),
         ({"negative_prompt": 7}, "7", "text"),
         ({"karras": "yes"}, '"yes"', "true or false"),

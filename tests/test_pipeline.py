@@ -163,6 +163,17 @@ def test_no_image_claims_the_folder_once_the_weights_changed_in_memory(sd1):
     assert pipe.model_hash is None
 
 
+def test_a_pipeline_loaded_in_inference_mode_works_and_keeps_its_hash(sd1):
+    """Tensors made under inference_mode have no version counter for the weights check to read."""
+    from latentdiff.folders import folder_hash
+
+    with torch.inference_mode():
+        pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+        (image,) = pipe("a cat", height=SIZE, width=SIZE, steps=2, seed=0, progress=False)
+        pipe.to(dtype=torch.bfloat16)
+    assert json.loads(image.info["latentdiff"])["model_hash"] == folder_hash(sd1) == pipe.model_hash
+
+
 def test_random_seed_is_recorded_and_reproduces(sd1):
     pipe = LatentDiffusionPipeline.from_pretrained(sd1)
     (image,) = pipe("a cat", height=SIZE, width=SIZE, steps=2, progress=False)
@@ -291,6 +302,7 @@ def pipe1(sd1):
         (dict(negative_prompt=5), TypeError, "negative_prompt must be a str or a list of str, got int"),
         (dict(height=float(SIZE)), TypeError, "height must be a whole number of pixels"),
         (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be a finite number, got nan"),
+        (dict(guidance_scale=-float("inf")), ValueError, "guidance_scale must be a finite number, got -inf"),
         (dict(eta=-0.5), ValueError, r"eta must be a finite number >= 0, got -0.5"),
         (dict(karras="yes"), TypeError, "karras must be True, False or None"),
         (dict(seed=1.5), TypeError, "seed must be an int or a list of ints, got 1.5"),

@@ -706,7 +706,8 @@ def test_options_that_do_nothing_alone_are_refused(model_dir, data_dir, tmp_path
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "o"
-    assert run(model_dir, data_dir, out, steps=2, every=2) == 0
+    assert run(model_dir, data_dir, out, steps=2, every=5) == 0  # the last step is checkpointed too
+    assert [step for step, _ in ckpt.complete_checkpoints(out)] == [2]
     capsys.readouterr()
     assert run(model_dir, data_dir, out, "--resume", "latest", steps=1) == 0
     printed = capsys.readouterr().out

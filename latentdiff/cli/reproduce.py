@@ -49,7 +49,7 @@ def _whole(low: int, high: float = math.inf):
 
 
 def _finite(low: float):
-    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v < math.inf
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v
 
 
 def _text(v) -> bool:

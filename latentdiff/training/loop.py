@@ -205,7 +205,8 @@ def _train(args, accelerator, out_dir: Path, log, set_seed) -> dict:
                     f"{args.max_nan_steps}); the run is diverging. Lower --learning-rate, set --max-grad-norm, or "
                     f"resume from an earlier checkpoint. No checkpoint with non-finite weights was written."
                 )
-        if args.checkpoint_every and state.step % args.checkpoint_every == 0:
+        # and at the last step: a finished run always leaves one, so --resume latest finds it done
+        if args.checkpoint_every and (state.step % args.checkpoint_every == 0 or state.step == args.max_steps):
             path = save(out_dir, state, models, optimizer, lr_schedule, ema, generator, accelerator, args)
             log(f"saved {path}")
         if args.validate_every and args.validation_prompts and state.step % args.validate_every == 0:

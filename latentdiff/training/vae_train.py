@@ -246,7 +246,8 @@ def train_vae(args, log=print) -> dict:
                 f"{state.nan_in_a_row} steps in a row had a NaN/inf loss or gradient; lower --learning-rate "
                 "or resume from an earlier checkpoint"
             )
-        if args.checkpoint_every and state.step % args.checkpoint_every == 0:
+        # and at the last step: a finished run always leaves one, so --resume latest finds it done
+        if args.checkpoint_every and (state.step % args.checkpoint_every == 0 or state.step == args.max_steps):
             path = _save(out_dir, state, vae, optimizer, lr_schedule, ema, generator, accelerator, args)
             say(f"saved {path}")
         if args.validate_every and state.step % args.validate_every == 0 and accelerator.is_main_process:
