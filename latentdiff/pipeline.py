@@ -141,8 +141,12 @@ class LatentDiffusionPipeline:
         stored = folders.read_defaults(root)
         check_defaults(stored.get("defaults") or {}, f"{root / folders.DEFAULTS_FILE}: defaults")
         defaults = dict(stored.get("defaults") or {})
+        # a diffusers folder samples with its scheduler class (and its Karras flag) unless the call says otherwise
+        own = {cls: name for name, cls in folders.DIFFUSERS_SCHEDULERS.items()}.get(scheduler_raw.get("_class_name"))
+        if own is not None and "sampler" not in defaults:
+            defaults["sampler"] = own
         if scheduler_raw.get("use_karras_sigmas") and "karras" not in defaults:
-            defaults["karras"] = True  # a diffusers folder that samples with Karras sigmas
+            defaults["karras"] = SAMPLERS[defaults.get("sampler", FALLBACK_DEFAULTS["sampler"])].supports_karras
         pipe = cls(
             unet,
             vae,
@@ -161,6 +165,12 @@ class LatentDiffusionPipeline:
         """Write a diffusers-layout folder that StableDiffusionPipeline.from_pretrained also reads."""
         if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+        if self.defaults.get("karras") and self.defaults["sampler"] == "euler_a":  # latentdiff's own extension
+            raise ValueError(
+                "defaults euler_a with karras=True have no diffusers twin (its EulerAncestralDiscreteScheduler has "
+                "no Karras sigmas), so the folder would sample differently there; save with karras off or another "
+                "sampler in pipe.defaults"
+            )
 
         def write(tmp: Path) -> None:
             sampler = self.defaults["sampler"]

@@ -277,6 +277,11 @@ class Heun(_SigmaSampler):
     def __init__(self, config: ScheduleConfig, karras: bool = False):
         super().__init__(config, karras)
         _refuse_clip(config, "heun")
+        if config.rescale_betas_zero_snr:  # diffusers' HeunDiscreteScheduler has no such option: no twin to match
+            raise UnsupportedConfigError(
+                "scheduler config key 'rescale_betas_zero_snr' = True is not supported by the heun sampler "
+                "(diffusers' Heun ignores it, so the two would sample differently); use euler, dpmpp_2m or ddim"
+            )
 
     def _set_timesteps(self, num_steps: int) -> None:
         super()._set_timesteps(num_steps)

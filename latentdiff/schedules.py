@@ -33,11 +33,15 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "variance_type": (None, "fixed_small"),  # DDPM posterior variance; "learned*" needs a 2C-channel U-Net
 }
 
+# What DPM-Solver++(2M) is in diffusers' DPMSolverMultistepScheduler: a folder of that class with other
+# values would sample differently there (other scheduler classes give these keys other meanings).
+_DPMPP_2M = {"solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint"}
+
 # Keys that change nothing here, whatever their value.
 _HARMLESS_KEYS = {
     "skip_prk_steps",  # PNDM's Runge-Kutta warm-up; we have no PNDM
     "use_karras_sigmas",  # a sampler choice, made by make_sampler(karras=...)
-    "solver_order",  # DPM-Solver knobs the sampler name fixes (dpmpp_2m: order 2, dpmsolver++, midpoint)
+    "solver_order",  # DPM-Solver knobs (checked against _DPMPP_2M for DPMSolverMultistepScheduler folders)
     "algorithm_type",
     "solver_type",
     "lower_order_final",  # no effect on 2M while the last sigma is zero
@@ -84,6 +88,15 @@ class ScheduleConfig:
     def from_dict(cls, d: dict[str, Any], where: str = "scheduler_config.json") -> ScheduleConfig:
         """From a diffusers scheduler config (any scheduler class); refuses what would sample differently."""
         rest = {}
+        if d.get("_class_name") == "DPMSolverMultistepScheduler":  # its folder's own sampler must be dpmpp_2m's
+            for key, value in _DPMPP_2M.items():
+                if d.get(key, value) != value:
+                    ours = ", ".join(f"{k} {v}" for k, v in _DPMPP_2M.items())
+                    raise UnsupportedConfigError(
+                        f"{where}: config key {key!r} = {d[key]!r} makes DPMSolverMultistepScheduler sample "
+                        f"differently from latentdiff's dpmpp_2m ({ours}); refusing to load a schedule that would "
+                        "sample differently"
+                    )
         for key, value in d.items():
             if key in _HARMLESS_KEYS:
                 continue

@@ -84,7 +84,7 @@ def test_txt_file_end_to_end(model, tmp_path, capsys):
         "seed": 5,
         "steps": 2,
         "guidance_scale": 7.5,
-        "sampler": "dpmpp_2m",
+        "sampler": "ddim",  # the model folder's own scheduler class (DDIMScheduler), as in diffusers
         "karras": False,
         "width": 32,
         "height": 32,
@@ -95,7 +95,7 @@ def test_txt_file_end_to_end(model, tmp_path, capsys):
     }
     assert (second["seed"], second["guidance_scale"], second["line"]) == (1, 3.0, 5)  # image k=1: seed 0 + 1
     parameters, record = read_png_metadata(out / first["file"])
-    assert parameters.startswith("a red circle\nNegative prompt: blurry\nSteps: 2, Sampler: dpmpp_2m")
+    assert parameters.startswith("a red circle\nNegative prompt: blurry\nSteps: 2, Sampler: ddim")
     assert record["model_hash"] == first["model_hash"] and len(first["model_hash"]) == 64
     assert record["seed"] == 5 and record["latentdiff_version"]
     assert record["model_path"] == str(model.resolve())

@@ -101,7 +101,8 @@ def test_no_guidance_matches_diffusers_and_runs_conditional_half_only(sd1):
     pipe = LatentDiffusionPipeline.from_pretrained(sd1)
     batch_sizes = []
     hook = pipe.unet.register_forward_hook(lambda m, args, out: batch_sizes.append(args[0].shape[0]))
-    ours = pipe("a red circle", height=SIZE, width=SIZE, steps=3, guidance_scale=1.0, seed=5, progress=False)
+    call = dict(height=SIZE, width=SIZE, steps=3, guidance_scale=1.0, seed=5, sampler="dpmpp_2m", progress=False)
+    ours = pipe("a red circle", **call)
     hook.remove()
     assert set(batch_sizes) == {1}
     theirs = diffusers_images(sd1, ["a red circle"], [5], "dpmpp_2m", num_inference_steps=3, guidance_scale=1.0)
@@ -172,6 +173,27 @@ def test_a_pipeline_loaded_in_inference_mode_works_and_keeps_its_hash(sd1):
         (image,) = pipe("a cat", height=SIZE, width=SIZE, steps=2, seed=0, progress=False)
         pipe.to(dtype=torch.bfloat16)
     assert json.loads(image.info["latentdiff"])["model_hash"] == folder_hash(sd1) == pipe.model_hash
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "karras", "sampler"),
+    [("EulerDiscreteScheduler", True, "euler"), ("DDIMScheduler", False, "ddim"), ("PNDMScheduler", False, "dpmpp_2m")],
+)
+def test_a_diffusers_folder_samples_with_its_own_scheduler_by_default(sd1, tmp_path, scheduler, karras, sampler):
+    """As diffusers' pipeline does: the folder's scheduler class (and Karras flag), unless the call names another;
+    a class latentdiff has no twin for (SD 1.5's PNDM) leaves latentdiff's own default."""
+    import shutil
+
+    folder = shutil.copytree(sd1, tmp_path / "m")
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    config |= {"_class_name": scheduler, "use_karras_sigmas": karras}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    assert (pipe.defaults["sampler"], bool(pipe.defaults.get("karras"))) == (sampler, karras)
+    if scheduler == "EulerDiscreteScheduler":  # the same image as diffusers' default call on this folder
+        ours = pipe("a red circle", height=SIZE, width=SIZE, steps=3, seed=5, progress=False)
+        theirs = diffusers_images(folder, ["a red circle"], [5], "euler", karras=True, num_inference_steps=3)
+        assert np.abs(pixels(ours) - pixels(theirs)).max() <= 1
 
 
 def test_random_seed_is_recorded_and_reproduces(sd1):
@@ -385,6 +407,12 @@ def test_save_replaces_only_an_earlier_save_or_an_empty_folder(pipe1, tmp_path):
         assert (pipe1.save_pretrained(tmp_path / "empty") / "model_index.json").is_file()
     with pytest.raises(ValueError, match="dtype must be None, torch.float32, torch.float16 or torch.bfloat16"):
         pipe1.save_pretrained(tmp_path / "int8", dtype=torch.int8)
+    kept = dict(pipe1.defaults)
+    pipe1.defaults.update(sampler="euler_a", karras=True)  # latentdiff's own: diffusers could not follow it
+    with pytest.raises(ValueError, match="defaults euler_a with karras=True have no diffusers twin"):
+        pipe1.save_pretrained(tmp_path / "ea")
+    pipe1.defaults = kept
+    assert not (tmp_path / "ea").exists()
     with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
         pipe1.to(dtype="float16")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -182,7 +183,18 @@ def test_tolerates_off_values_and_solver_knobs():
         "use_karras_sigmas": True,
         "dynamic_thresholding_ratio": 0.9,
     }
-    assert ScheduleConfig.from_dict(d) == ScheduleConfig.from_dict(SD15_PNDM)
+    assert ScheduleConfig.from_dict(d) == ScheduleConfig.from_dict(SD15_PNDM)  # other classes' meanings
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("solver_order", 3), ("algorithm_type", "sde-dpmsolver++"), ("solver_type", "heun")]
+)
+def test_a_dpm_solver_folder_that_is_not_2m_is_refused(key, value):
+    """In a DPMSolverMultistepScheduler folder these knobs change its sampling (up to 152/255 measured)."""
+    dpm = {**SD15_PNDM, "_class_name": "DPMSolverMultistepScheduler"}
+    assert ScheduleConfig.from_dict({**dpm, "solver_order": 2, "solver_type": "midpoint", "lower_order_final": False})
+    with pytest.raises(UnsupportedConfigError, match=re.escape(f"{key!r} = {value!r} makes DPMSolverMultistep")):
+        ScheduleConfig.from_dict({**dpm, key: value})
 
 
 @pytest.mark.parametrize(
