@@ -53,6 +53,10 @@ class LatentDiffusionPipeline:
         name: str | None = None,
         source: Path | None = None,
     ):
+        if not isinstance(defaults, (dict, type(None))):
+            raise TypeError(f"defaults must be a dict of sampling settings or None, got {defaults!r}")
+        check_defaults(defaults or {}, "defaults")  # a bad one would fail every call, or a later from_pretrained
+        _check_parts(unet.config, vae.config, getattr(text_encoder.config, "hidden_size", None))
         self.unet = unet.eval()
         self.vae = vae.eval()
         self.text_encoder = text_encoder.eval()
@@ -125,7 +129,7 @@ class LatentDiffusionPipeline:
         scheduler_config = ScheduleConfig.from_dict(scheduler_raw)
         unet_config = UNetConfig.from_dict(read_json(unet_dir / "config.json"))
         vae_config = VAEConfig.from_dict(read_json(vae_dir / "config.json"))
-        _check_latent_channels(root, unet_config, vae_config)
+        _check_parts(unet_config, vae_config, where=root)  # before any weight is read
         unet = UNet(unet_config)
         folders.load_weights(unet, unet_dir, folders.WEIGHT_STEMS["unet"])
         vae = VAE(vae_config)
@@ -196,6 +200,8 @@ class LatentDiffusionPipeline:
         return folders.write_folder_atomically(path, write, marker=folders.DEFAULTS_FILE)
 
     def to(self, device=None, dtype=None) -> LatentDiffusionPipeline:
+        if isinstance(device, torch.dtype) and dtype is None:  # pipe.to(torch.float16), as diffusers takes it
+            device, dtype = None, device
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float16), got {dtype!r}")
         if device is not None:
@@ -214,8 +220,9 @@ class LatentDiffusionPipeline:
         return self
 
     # ---- generation --------------------------------------------------------------------------------
-    def encode(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
+    def encode(self, prompts: str | list[str], clip_skip: int | None = None) -> torch.Tensor:
         """Text context for each prompt; repeated prompts (the empty negative above all) are encoded once."""
+        prompts = _as_prompt_list(prompts, "prompts")  # a str is one prompt, not one per character
         # the cached contexts hold for this text encoder and tokenizer as they were: changed weights (in place
         # too), a swapped or LoRA-wrapped module, another tokenizer make them stale
         state = (id(self.tokenizer), module_fingerprint(self.text_encoder, versions=True))
@@ -277,9 +284,9 @@ class LatentDiffusionPipeline:
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable as callback(i, t, x), got {callback!r}")
         # numpy's numbers pass the checks; Python's go on, into the images' JSON records too
-        height, width, steps, num_images_per_prompt, guidance_scale, eta, clip_skip = (
+        height, width, steps, num_images_per_prompt, guidance_scale, eta, clip_skip, workers = (
             v.item() if isinstance(v, np.generic) else v
-            for v in (height, width, steps, num_images_per_prompt, guidance_scale, eta, clip_skip)
+            for v in (height, width, steps, num_images_per_prompt, guidance_scale, eta, clip_skip, workers)
         )
         options = {"eta": eta} if sampler_name == "ddim" else {}
         # here, not in a worker: a step count this schedule cannot take is the caller's mistake, said at once
@@ -401,6 +408,7 @@ class LatentDiffusionPipeline:
             return pairing.run_pair(loop, tuple(x_start.shape), self.dtype)
         return loop(pairing.PARENT, None)
 
+    @torch.no_grad()
     def decode_latents(self, x: torch.Tensor) -> list[Image.Image]:
         return [Image.fromarray(a) for a in self._pixels(x)]
 
@@ -429,14 +437,20 @@ class LatentDiffusionPipeline:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {n!r}")
 
 
-def _check_latent_channels(root: Path, unet: UNetConfig, vae: VAEConfig) -> None:
-    """Before any weight is read: a U-Net that takes or makes other than the VAE's latents cannot sample."""
+def _check_parts(unet: UNetConfig, vae: VAEConfig, text_width: int | None = None, where: Path | str = "pipeline"):
+    """Parts that cannot work together: a U-Net that takes or makes other than the VAE's latents, or attends
+    to a context of another width than the text encoder's (a first call would fail deep in torch)."""
     latent = vae.latent_channels
     if unet.in_channels != latent or unet.out_channels != latent:
         raise folders.ModelFolderError(
-            f"{root}: the U-Net takes {unet.in_channels} and makes {unet.out_channels} channels, but the VAE's "
+            f"{where}: the U-Net takes {unet.in_channels} and makes {unet.out_channels} channels, but the VAE's "
             f"latents have {latent}; extra input channels mean an inpainting or instruct-pix2pix model, "
             "which latentdiff does not run (text-to-image models only)"
+        )
+    if text_width is not None and unet.cross_attention_dim != text_width:
+        raise folders.ModelFolderError(
+            f"{where}: the U-Net attends to a context {unet.cross_attention_dim} wide, but the text encoder "
+            f"makes {text_width}; they are parts of different models"
         )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import numbers
 import os
 import signal
 import sys
@@ -63,7 +64,7 @@ def alone() -> bool:
 
 def check_workers(workers: int, device: torch.device, callback) -> None:
     """An explicit `workers` > 1 the call cannot honour is a user error, not a silent fallback."""
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers <= 0:
+    if not isinstance(workers, numbers.Integral) or isinstance(workers, bool) or workers <= 0:  # numpy's too
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     if workers == 1:
         return

@@ -196,6 +196,37 @@ def test_a_diffusers_folder_samples_with_its_own_scheduler_by_default(sd1, tmp_p
         assert np.abs(pixels(ours) - pixels(theirs)).max() <= 1
 
 
+def test_the_other_public_methods_take_what_users_pass(sd1):
+    pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+    assert pipe.encode("abc").shape[0] == 1  # one prompt, not one per character
+    with pytest.raises(ValueError, match="prompts list is empty"):
+        pipe.encode([])
+    latent = (pipe.unet.config.in_channels, SIZE // pipe.vae_scale_factor, SIZE // pipe.vae_scale_factor)
+    (image,) = pipe.decode_latents(torch.randn(1, *latent))  # outside no_grad, as a user would call it
+    assert image.size == (SIZE, SIZE)
+    assert pipe.to(torch.bfloat16).dtype == torch.bfloat16  # positional dtype, as diffusers takes it
+    pipe.to(torch.float32)
+    (a,) = pipe("a cat", height=SIZE, width=SIZE, steps=2, seed=0, progress=False, workers=np.int64(1))
+    assert a.size == (SIZE, SIZE)
+
+
+def test_a_pipeline_built_from_parts_that_do_not_fit_is_refused(sd1):
+    from latentdiff.clip import CLIPTextEncoder, CLIPTextSettings
+
+    one = LatentDiffusionPipeline.from_pretrained(sd1)
+    parts = (one.unet, one.vae, one.text_encoder, one.tokenizer, one.scheduler_config)
+    raw = {**one.text_encoder.config_dict(), "hidden_size": 48, "intermediate_size": 96}
+    wide = CLIPTextEncoder(CLIPTextSettings.from_dict(raw, "test"), raw)  # 48 wide; the U-Net attends to 32
+    with pytest.raises(ValueError, match="the U-Net attends to a context 32 wide, but the text encoder makes 48"):
+        LatentDiffusionPipeline(one.unet, one.vae, wide, one.tokenizer, one.scheduler_config)
+    with pytest.raises(ValueError, match="defaults: unknown setting 'foo'"):
+        LatentDiffusionPipeline(*parts, defaults={"foo": 1})
+    with pytest.raises(ValueError, match="defaults: karras = 'yes' is not true or false"):
+        LatentDiffusionPipeline(*parts, defaults={"karras": "yes"})
+    with pytest.raises(TypeError, match="defaults must be a dict of sampling settings or None"):
+        LatentDiffusionPipeline(*parts, defaults="notadict")
+
+
 def test_random_seed_is_recorded_and_reproduces(sd1):
     pipe = LatentDiffusionPipeline.from_pretrained(sd1)
     (image,) = pipe("a cat", height=SIZE, width=SIZE, steps=2, progress=False)
