@@ -600,3 +600,30 @@ def test_an_empty_path_or_a_dangling_link_as_out_is_named(model, tmp_path, capsy
     assert generate("-p", "a", "--model", model, "--out", tmp_path / "link", *FAST) == 2
     err = capsys.readouterr().err
     assert f"it is a symbolic link to {tmp_path / 'missing'}, which does not exist; create that folder" in err
+
+
+def test_accelerates_cpu_launcher_gets_its_processes(monkeypatch, tmp_path):
+    """`accelerate launch --cpu --num_processes 2 -m latentdiff generate ...` starts one process (accelerate
+    #2741): generate then starts the two itself, as `python -m latentdiff` under torch.distributed.run."""
+    import subprocess
+    import sys
+
+    import latentdiff.training.launch as launch
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda command, env: calls.append(command) or 0)
+    monkeypatch.setattr(launch, "requested_cpu_processes", lambda: 2)
+    monkeypatch.setattr(sys, "argv", ["latentdiff", "generate", "-p", "a", "--out", str(tmp_path / "o")])
+    assert generate("-p", "a", "--out", tmp_path / "o") == 0
+    (command,) = calls
+    assert command[1:3] == ["-m", "torch.distributed.run"] and command[command.index("--nproc_per_node") + 1] == "2"
+    assert command[command.index("latentdiff") - 1 :] == [
+        "-m",
+        "latentdiff",
+        "generate",
+        "-p",
+        "a",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert not (tmp_path / "o").exists()  # nothing done in the launcher's own process

@@ -128,6 +128,11 @@ MAX_RUN_IMAGES = 1_000_000  # a plan entry each: about half a gigabyte of them
 
 def run(args) -> int:
     started = time.perf_counter()
+    from latentdiff.training.launch import relaunch, requested_cpu_processes
+
+    processes = requested_cpu_processes()  # accelerate's --cpu launcher starts one process only: start them here
+    if processes > 1:
+        return relaunch(processes, "latentdiff", sys.argv[1:], module=True)
     source, jobs, errors = _read_jobs(args)
     _check_options(args)
     state = _distributed_state(args.device)

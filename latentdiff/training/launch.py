@@ -43,8 +43,9 @@ def requested_cpu_processes(parent_args: list[str] | None = None) -> int:
     return 1
 
 
-def relaunch(n: int, script: str, argv: list[str]) -> int:
-    """Run `script argv` as n gloo processes on this machine; returns the exit status of the group."""
+def relaunch(n: int, script: str, argv: list[str], module: bool = False) -> int:
+    """Run `script argv` (with `module`: `python -m script argv`) as n gloo processes on this machine; returns
+    the exit status of the group."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     command = [
         sys.executable,
@@ -58,8 +59,13 @@ def relaunch(n: int, script: str, argv: list[str]) -> int:
         env.get("MASTER_ADDR", "127.0.0.1"),
         "--master_port",
         env.get("MASTER_PORT", "29500"),
+        *(["-m"] if module else []),
         script,
         *argv,
     ]
-    print(f"starting {n} CPU processes (gloo) for `accelerate launch --cpu --num_processes {n}`", flush=True)
+    print(
+        f"starting {n} CPU processes (gloo) for `accelerate launch --cpu --num_processes {n}`",
+        flush=True,
+        file=sys.stderr,
+    )
     return subprocess.call(command, env=env)
