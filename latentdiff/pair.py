@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from latentdiff import workers
+from latentdiff.callers import user_stacklevel
 
 PARENT, CHILD = 0, 1  # roles; the parent computes the unconditional row, the child the conditional one
 
@@ -85,7 +86,7 @@ def run_pair(loop: Callable[[int, Exchange], torch.Tensor], row_shape: tuple[int
 
 
 def warn_restart(error: PartnerLost) -> None:
-    warnings.warn(f"{error}; making the image again in one process", stacklevel=3)
+    warnings.warn(f"{error}; making the image again in one process", stacklevel=user_stacklevel())
 
 
 def _pipe() -> tuple[int, int]:

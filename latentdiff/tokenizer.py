@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from latentdiff.callers import user_stacklevel
 from latentdiff.config import read_json
 
 BOS_TOKEN = "<|startoftext|>"
@@ -147,7 +148,7 @@ class CLIPTokenizer:
                 warnings.warn(
                     f"prompt is longer than the text encoder's {self.model_max_length} tokens and was truncated; "
                     f"dropped: {self.decode(tokens[keep:])!r} (prompt starts {prompt[:40]!r})",
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
             row = [self.bos_token_id, *tokens[:keep], self.eos_token_id]
             rows.append(row + [self.pad_token_id] * (self.model_max_length - len(row)))

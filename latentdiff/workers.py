@@ -26,6 +26,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from latentdiff.callers import user_stacklevel
+
 # Only small U-Nets split by default: the bundled one (4.2M parameters) gains, SD1.5's (860M) loses;
 # sizes in between were not measured.
 MAX_AUTO_PARAMETERS = 50_000_000
@@ -110,7 +112,7 @@ def render_split(render: Render, count: int, item_shape: tuple[int, ...], worker
             if error is not None:
                 redo.append((start, stop, f"a worker process failed: {error}"))
         for start, stop, why in redo:  # nothing is lost: the slice is made here instead
-            warnings.warn(f"{why}; making images {start}..{stop - 1} in this process", stacklevel=3)
+            warnings.warn(f"{why}; making images {start}..{stop - 1} in this process", stacklevel=user_stacklevel())
             out[start:stop] = render(start, stop, False)
         return np.array(out)  # a private copy: the shared mapping goes with `out`
     finally:

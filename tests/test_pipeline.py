@@ -271,8 +271,9 @@ def test_reads_diffusers_fp16_variant_folder(tmp_path):
 def test_long_prompt_truncated_with_warning_naming_dropped_words(sd1):
     pipe = LatentDiffusionPipeline.from_pretrained(sd1)
     prompt = "x" * 80 + " zebra"  # byte-level tokenizer: one token per character, window of 77
-    with pytest.warns(UserWarning, match="zebra"):
+    with pytest.warns(UserWarning, match="zebra") as caught:
         pipe(prompt, height=SIZE, width=SIZE, steps=1, seed=0, progress=False)
+    assert caught[0].filename == __file__  # the user's line, not torch's no_grad wrapper or ours
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe("short", height=SIZE, width=SIZE, steps=1, seed=0, progress=False)
