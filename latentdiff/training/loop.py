@@ -155,6 +155,8 @@ def _train(args, accelerator, out_dir: Path, log, set_seed) -> dict:
     from tqdm.auto import tqdm
 
     images_per_step = args.batch_size * args.grad_accum * accelerator.num_processes
+    if nothing_left(state.step, args.max_steps):
+        log(nothing_left(state.step, args.max_steps))
     bar = tqdm(
         total=args.max_steps,
         initial=state.step,
@@ -163,8 +165,6 @@ def _train(args, accelerator, out_dir: Path, log, set_seed) -> dict:
         dynamic_ncols=True,
     )
     start_step, t0 = state.step, time.perf_counter()
-    if nothing_left(state.step, args.max_steps):
-        log(nothing_left(state.step, args.max_steps))
     step_time = None
     while state.step < args.max_steps:
         t_step = time.perf_counter()

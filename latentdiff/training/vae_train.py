@@ -203,6 +203,8 @@ def train_vae(args, log=print) -> dict:
     # 4. the loop
     from tqdm.auto import tqdm
 
+    if nothing_left(state.step, args.max_steps):
+        say(nothing_left(state.step, args.max_steps))
     bar = tqdm(
         total=args.max_steps,
         initial=state.step,
@@ -211,8 +213,6 @@ def train_vae(args, log=print) -> dict:
     )
     images_per_step = args.batch_size * accelerator.num_processes
     start_step, t0 = state.step, time.perf_counter()
-    if nothing_left(state.step, args.max_steps):
-        say(nothing_left(state.step, args.max_steps))
     while state.step < args.max_steps:
         t_step = time.perf_counter()
         pixels = next(stream).to(accelerator.device)
