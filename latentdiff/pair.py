@@ -62,27 +62,36 @@ def run_pair(loop: Callable[[int, Exchange], torch.Tensor], row_shape: tuple[int
     slots = torch.frombuffer(buffer, dtype=dtype, count=numel).view(2, 2, *row_shape)
     to_child, from_parent = _pipe()
     to_parent, from_child = _pipe()
+    error_from_child, error_to_parent = os.pipe()  # what went wrong in the child, for the warning
     try:  # the child computes its rows; when it fails, the parent sees the closed pipe and starts again alone
         pid = workers.start_child(
-            lambda: loop(CHILD, Exchange(CHILD, slots, to_parent, from_parent)), close=(to_child, from_child)
+            lambda: loop(CHILD, Exchange(CHILD, slots, to_parent, from_parent)),
+            close=(to_child, from_child, error_from_child),
+            error_fd=error_to_parent,
         )
     except OSError as error:
-        for fd in (to_child, from_parent, to_parent, from_child):
+        for fd in (to_child, from_parent, to_parent, from_child, error_from_child, error_to_parent):
             os.close(fd)
         raise PartnerLost(f"could not start a worker process ({error})") from None
-    os.close(from_parent)
-    os.close(to_parent)
+    for fd in (from_parent, to_parent, error_to_parent):
+        os.close(fd)
+    reaped = False
     try:
         with workers.num_threads(max(1, torch.get_num_threads() - 1)):
             return loop(PARENT, Exchange(PARENT, slots, to_child, from_child))
+    except PartnerLost as lost:  # the child has ended (its pipe closed): say why, when it could tell
+        why, reaped = workers.reap(pid, error_from_child), True
+        raise PartnerLost(f"{lost} ({why})" if why else str(lost)) from None
     finally:
         os.close(to_child)  # a child still waiting sees end of file and leaves
         os.close(from_child)
-        with contextlib.suppress(ProcessLookupError):
-            if os.waitpid(pid, os.WNOHANG) == (0, 0):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+        if not reaped:
+            os.close(error_from_child)
+            with contextlib.suppress(ProcessLookupError):
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
 
 def warn_restart(error: PartnerLost) -> None:

@@ -108,7 +108,7 @@ def render_split(render: Render, count: int, item_shape: tuple[int, ...], worker
             out[start:stop] = render(start, stop, progress)
         for pid in list(children):
             error_fd, start, stop = children.pop(pid)
-            error = _wait(pid, error_fd)
+            error = reap(pid, error_fd)
             if error is not None:
                 redo.append((start, stop, f"a worker process failed: {error}"))
         for start, stop, why in redo:  # nothing is lost: the slice is made here instead
@@ -119,7 +119,7 @@ def render_split(render: Render, count: int, item_shape: tuple[int, ...], worker
         for pid, (error_fd, _, _) in children.items():  # interrupted: no orphan keeps computing
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            _wait(pid, error_fd)
+            reap(pid, error_fd)
 
 
 def _shared_array(shape: tuple[int, ...]) -> np.ndarray:
@@ -178,7 +178,7 @@ def fork() -> int:
         return os.fork()
 
 
-def _wait(pid: int, error_fd: int) -> str | None:
+def reap(pid: int, error_fd: int) -> str | None:
     """Reap the child; None when it succeeded, else what went wrong."""
     _, status = os.waitpid(pid, 0)
     try:

@@ -70,7 +70,8 @@ def test_a_worker_that_dies_is_replaced_by_one_process_with_a_warning(pipe, monk
 
     one = call(pipe, workers=1)
     monkeypatch.setattr(type(pipe.unet), "forward", dies_in_the_child)
-    with pytest.warns(UserWarning, match="worker process ended at step 0; making the image again in one process"):
+    lost = r"worker process ended at step 0 \(MemoryError: no memory in the worker\); making the image again in one"
+    with pytest.warns(UserWarning, match=lost):
         again = call(pipe, workers=2)
     assert np.array_equal(pixels(one), pixels(again))
 
