@@ -155,8 +155,8 @@ def test_probes_refuse_a_missing_model(tmp_path, foreign, monkeypatch, capsys):
     refused(recipe_script("binding_probe").main, argv, capsys, "cannot load --model", "not found")
     before = snapshot(foreign)
     bind = recipe_script("bind_text").main
-    refused(bind, ["--model", nope, "--out", foreign / "notes.txt"], capsys, "--out", "is a file")
-    refused(bind, ["--model", nope, "--out", foreign / "data"], capsys, "--out", "not a latentdiff model save")
+    refused(bind, ["--model", nope, "--out", foreign / "notes.txt"], capsys, "--out", "it is a file, not a folder")
+    refused(bind, ["--model", nope, "--out", foreign / "data"], capsys, "--out", "no latentdiff.json of an")
     refused(bind, ["--model", nope, "--batch-size", "1"], capsys, "--batch-size")
     assert snapshot(foreign) == before
 

@@ -62,14 +62,14 @@ def caption_sets():
 
 
 def check_out(parser, out: Path, model: Path) -> None:
-    """--out, before training: a save replaces only an earlier latentdiff save (as save_pretrained does), and
-    never the --model folder itself."""
-    from latentdiff.folders import DEFAULTS_FILE
+    """--out, before training: save_pretrained's own rule (a new or empty folder, or an earlier latentdiff
+    save), checked now, and never the --model folder itself."""
+    from latentdiff import folders
 
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} is a file; give a folder for the model")
-    if out.is_dir() and any(out.iterdir()) and not (out / DEFAULTS_FILE).is_file():
-        parser.error(f"--out {out} holds files that are not a latentdiff model save; choose a new or empty folder")
+    try:
+        folders.check_replaceable(out, folders.DEFAULTS_FILE)
+    except FileExistsError as e:
+        parser.error(f"--out: {e}")
     if out.resolve() == model.resolve():
         parser.error(f"--out {out} is the --model folder; write the trained model to another folder")
 
