@@ -119,23 +119,18 @@ class LatentDiffusionPipeline:
                     f"the bundled default model is not in this checkout ({path}); pass a model folder"
                 )
         root = folders.check_model_root(path)
+        configs = read_configs(root)  # every config checked before any weight is read
         unet_dir = folders.component_dir(root, "unet")
         vae_dir = folders.component_dir(root, "vae")
         text_dir = folders.component_dir(root, "text_encoder")
         tokenizer_dir = folders.component_dir(root, "tokenizer")
-        scheduler_dir = folders.component_dir(root, "scheduler")
 
-        scheduler_raw = read_json(scheduler_dir / "scheduler_config.json")
-        scheduler_config = ScheduleConfig.from_dict(scheduler_raw)
-        unet_config = UNetConfig.from_dict(read_json(unet_dir / "config.json"))
-        vae_config = VAEConfig.from_dict(read_json(vae_dir / "config.json"))
-        _check_parts(unet_config, vae_config, where=root)  # before any weight is read
-        unet = UNet(unet_config)
+        scheduler_raw, scheduler_config = configs["scheduler_raw"], configs["scheduler"]
+        unet = UNet(configs["unet"])
         folders.load_weights(unet, unet_dir, folders.WEIGHT_STEMS["unet"])
-        vae = VAE(vae_config)
+        vae = VAE(configs["vae"])
         folders.load_weights(vae, vae_dir, folders.WEIGHT_STEMS["vae"])
-        text_raw = read_json(text_dir / "config.json")
-        text_encoder = CLIPTextEncoder(CLIPTextSettings.from_dict(text_raw, str(text_dir / "config.json")), text_raw)
+        text_encoder = CLIPTextEncoder(configs["text_encoder"], configs["text_encoder_raw"])
         # Older transformers saved the position_ids buffer; newer ones rebuild it.
         folders.load_weights(
             text_encoder, text_dir, folders.WEIGHT_STEMS["text_encoder"], ignore=("position_ids",), prefix=CLIP_PREFIX
@@ -435,6 +430,25 @@ class LatentDiffusionPipeline:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
         if not _is_int(n) or n <= 0:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {n!r}")
+
+
+def read_configs(root: Path) -> dict[str, Any]:
+    """The components' configs of a model folder, parsed and checked against each other, as loading reads
+    them (`latentdiff info` shows the same problems): scheduler(_raw), unet, vae, text_encoder(_raw)."""
+    scheduler_file = folders.component_dir(root, "scheduler") / "scheduler_config.json"
+    scheduler_raw = read_json(scheduler_file)
+    text_file = folders.component_dir(root, "text_encoder") / "config.json"
+    text_raw = read_json(text_file)
+    configs = {
+        "scheduler_raw": scheduler_raw,
+        "scheduler": ScheduleConfig.from_dict(scheduler_raw, str(scheduler_file)),
+        "unet": UNetConfig.from_dict(read_json(folders.component_dir(root, "unet") / "config.json")),
+        "vae": VAEConfig.from_dict(read_json(folders.component_dir(root, "vae") / "config.json")),
+        "text_encoder_raw": text_raw,
+        "text_encoder": CLIPTextSettings.from_dict(text_raw, str(text_file)),
+    }
+    _check_parts(configs["unet"], configs["vae"], configs["text_encoder"].hidden_size, where=root)
+    return configs
 
 
 def _check_parts(unet: UNetConfig, vae: VAEConfig, text_width: int | None = None, where: Path | str = "pipeline"):

@@ -16,7 +16,6 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from latentdiff.cli import main
-from latentdiff.folders import ModelFolderError
 from latentdiff.pipeline import LatentDiffusionPipeline
 
 
@@ -189,6 +188,8 @@ def test_save_writes_a_new_file_and_keeps_one_that_appeared_meanwhile(image, tmp
     [
         ("pickle", "holds only pickle weights (diffusion_pytorch_model.bin)"),
         ("tokenizer", "has no 'tokenizer' component folder"),
+        ("unet/config.json", "extra input channels mean an inpainting or instruct-pix2pix model"),
+        ("scheduler/scheduler_config.json", "solver_order"),
     ],
 )
 def test_info_shows_the_problems_loading_refuses(model, tmp_path, capsys, damage, message):
@@ -196,9 +197,15 @@ def test_info_shows_the_problems_loading_refuses(model, tmp_path, capsys, damage
     if damage == "pickle":
         weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
         weights.rename(weights.with_suffix(".bin"))
-    else:
+    elif damage == "tokenizer":
         shutil.rmtree(folder / "tokenizer")
-    with pytest.raises(ModelFolderError, match=re.escape(message)) as refused:
+    else:  # a config loading refuses before any weight is read: an inpainting U-Net, a DPM-Solver of order 3
+        config = json.loads((folder / damage).read_text())
+        changes = {"in_channels": 9} if damage.startswith("unet") else {"solver_order": 3}
+        if damage.startswith("scheduler"):
+            changes["_class_name"] = "DPMSolverMultistepScheduler"
+        (folder / damage).write_text(json.dumps({**config, **changes}))
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:  # ModelFolderError, UnsupportedConfigError
         LatentDiffusionPipeline.from_pretrained(folder)
     assert main(["info", "--no-hash", str(folder)]) == 1
     problems = capsys.readouterr().out.split("problems (loading this folder will fail on them)\n")[1]

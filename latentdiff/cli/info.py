@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from latentdiff import folders
     from latentdiff.config import read_json
-    from latentdiff.pipeline import BUNDLED_MODEL, FALLBACK_DEFAULTS, check_defaults
+    from latentdiff.pipeline import BUNDLED_MODEL, FALLBACK_DEFAULTS, check_defaults, read_configs
 
     root = Path(args.model) if args.model else BUNDLED_MODEL
     try:
@@ -36,6 +36,7 @@ def run(args) -> int:
             return {}
 
     index = read(root / "model_index.json", read_json)
+    read(root, read_configs)  # settings loading refuses (unsupported scheduler keys, parts that do not fit)
     stored = read(root, folders.read_defaults)
     try:
         check_defaults(stored.get("defaults") or {}, f"{root / folders.DEFAULTS_FILE}: defaults")
@@ -82,7 +83,7 @@ def run(args) -> int:
                 print(f"  {key:<20} {config[key]}")
     if problems:
         print("\nproblems (loading this folder will fail on them)")
-        for problem in problems:
+        for problem in dict.fromkeys(problems):  # a missing folder is met by two checks: said once
             print(f"  {problem}")
         return 1
     return 0
