@@ -103,6 +103,30 @@ def test_tune_checks_every_list_before_the_first_eval(tmp_path, tiny_model, fore
     assert snapshot(foreign) == before
 
 
+def test_tune_keeps_the_finished_rows_when_a_later_eval_fails(tmp_path, tiny_model, monkeypatch):
+    """A failure mid-grid that is no argument of tune's (a full disk) must not lose the settings already scored."""
+    import latentdiff.cli
+
+    tune = recipe_script("tune")
+    out = tmp_path / "tune"
+    evals = []
+
+    def fake_eval(argv):  # the first setting scores; the second meets a full disk
+        evals.append(argv)
+        if len(evals) == 2:
+            raise OSError(28, "No space left on device")
+        where = Path(argv[argv.index("--out") + 1])
+        where.mkdir(parents=True)
+        (where / "report.json").write_text(json.dumps({"categories": {"color": 0.5}, "overall": 0.25}))
+        return 0
+
+    monkeypatch.setattr(latentdiff.cli, "main", fake_eval)
+    with pytest.raises(OSError, match="No space left"):
+        tune.main(["--model", str(tiny_model), "--out", str(out), "--guidance", "3,5", "--count", "2"])
+    rows = json.loads((out / "tune.json").read_text())
+    assert rows == [{"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 3.0, "color": 0.5, "overall": 0.25}]
+
+
 # ---- side_data.py --------------------------------------------------------------------------------------------
 def test_side_data_refuses_bad_arguments_and_other_folders(tmp_path, foreign, capsys):
     side_data = recipe_script("side_data")

@@ -39,6 +39,7 @@ def parse_list(parser, flag: str, text: str, field: str) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from latentdiff.atomic import atomic_file
     from latentdiff.cli import UserError, prepare_out
     from latentdiff.cli import main as cli
     from latentdiff.folders import ModelFolderError, check_model_root
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                 report = json.loads((where / "report.json").read_text())
                 setting = {"sampler": sampler, "steps": steps, "guidance_scale": guidance}
                 rows.append({**setting, **report["categories"], "overall": report["overall"]})
-    (out / "tune.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+                # after every setting: a later failure (a full disk, Ctrl-C) keeps the rows finished so far
+                with atomic_file(out / "tune.json") as f:
+                    f.write((json.dumps(rows, indent=2) + "\n").encode("utf-8"))
     print("| sampler | steps | guidance | " + " | ".join(list(rows[0])[len(setting) :]) + " |")
     for row in rows:
         print("| " + " | ".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in row.values()) + " |")
