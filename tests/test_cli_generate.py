@@ -513,20 +513,24 @@ def test_info_and_samplers(model, tmp_path, capsys):
     assert names == ["ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m"]
 
 
-def test_accelerate_two_processes_write_what_one_process_writes(model, tmp_path):
+def accelerate_generate(launch: list[str], *args) -> subprocess.CompletedProcess:
+    """`accelerate launch <launch> --num_processes 2 -m latentdiff generate <args> <FAST>`, output captured."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     if accelerate is None:
         pytest.skip("accelerate not installed")
+    command = [accelerate, "launch", *launch, "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "latentdiff", "generate"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*command, *map(str, args), *FAST], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_accelerate_two_processes_write_what_one_process_writes(model, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\ntwo\nthree --d 9\nfour\nfive\n", encoding="utf-8")
     one = tmp_path / "one"
     assert generate(prompts, "--model", model, "--out", one, "--batch-size", "2", *FAST) == 0
     two = tmp_path / "two"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "latentdiff", "generate"]
-    command += [str(prompts), "--model", str(model), "--out", str(two), "--batch-size", "2", *FAST]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = accelerate_generate(["--multi_gpu"], prompts, "--model", model, "--out", two, "--batch-size", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[rank 0/2] made 3" in done.stderr and "[rank 1/2] made 2" in done.stderr  # batches 0, 2 | 1
     assert folder_state(two) == folder_state(one)
@@ -604,26 +608,40 @@ def test_an_empty_path_or_a_dangling_link_as_out_is_named(model, tmp_path, capsy
 
 def test_accelerates_cpu_launcher_gets_its_processes(monkeypatch, tmp_path):
     """`accelerate launch --cpu --num_processes 2 -m latentdiff generate ...` starts one process (accelerate
-    #2741): generate then starts the two itself, as `python -m latentdiff` under torch.distributed.run."""
+    #2741): generate then starts the two itself, as `python -m latentdiff`, ranks 0 and 1."""
     import subprocess
     import sys
 
     import latentdiff.training.launch as launch
 
-    calls = []
-    monkeypatch.setattr(subprocess, "call", lambda command, env: calls.append(command) or 0)
+    started = []
+
+    class Started:
+        returncode = 0
+
+        def __init__(self, command, env):
+            started.append((command, env["RANK"], env["WORLD_SIZE"]))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Started)
     monkeypatch.setattr(launch, "requested_cpu_processes", lambda: 2)
     monkeypatch.setattr(sys, "argv", ["latentdiff", "generate", "-p", "a", "--out", str(tmp_path / "o")])
     assert generate("-p", "a", "--out", tmp_path / "o") == 0
-    (command,) = calls
-    assert command[1:3] == ["-m", "torch.distributed.run"] and command[command.index("--nproc_per_node") + 1] == "2"
-    assert command[command.index("latentdiff") - 1 :] == [
-        "-m",
-        "latentdiff",
-        "generate",
-        "-p",
-        "a",
-        "--out",
-        str(tmp_path / "o"),
-    ]
+    command = [sys.executable, "-m", "latentdiff", "generate", "-p", "a", "--out", str(tmp_path / "o")]
+    assert started == [(command, "0", "2"), (command, "1", "2")]
     assert not (tmp_path / "o").exists()  # nothing done in the launcher's own process
+
+
+def test_a_bad_line_under_accelerates_cpu_launcher_is_one_line_not_a_traceback(model, tmp_path):
+    """Two real processes; one prompt each, the bad line named once (by rank 0), exit status 1."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square --seed abc\na green star\n", encoding="utf-8")
+    # -q: on a failure accelerate's launcher adds a traceback of its own (CalledProcessError) without it
+    done = accelerate_generate(["-q", "--cpu"], prompts, "--model", model, "--out", tmp_path / "o")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.count("error") == 1 and f"{prompts}:2: error: unknown option --seed" in done.stderr
+    assert "[rank 0/2] made 1" in done.stderr and "[rank 1/2] made 1" in done.stderr
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
+    assert len(manifest(tmp_path / "o")) == 2
