@@ -502,11 +502,12 @@ def test_info_and_samplers(model, tmp_path, capsys):
     (damaged / "scheduler" / "scheduler_config.json").write_text("{bad")
     assert main(["info", str(damaged)]) == 1  # shown as far as it can be, then what is wrong
     text = capsys.readouterr().out
+    # in the order loading meets them: every config before any weight, each problem once
     assert "vae" in text and text.split("problems (loading this folder will fail on them)\n")[1].splitlines() == [
-        f"  {damaged / 'unet' / 'diffusion_pytorch_model.safetensors'}: not a readable safetensors file (its header "
-        "claims 2406443243860549991 bytes, more than the file holds)",
         f"  {damaged / 'scheduler' / 'scheduler_config.json'}: not valid JSON (Expecting property name enclosed in "
         "double quotes: line 1 column 2 (char 1))",
+        f"  {damaged / 'unet' / 'diffusion_pytorch_model.safetensors'}: not a readable safetensors file (its header "
+        "claims 2406443243860549991 bytes, more than the file holds)",
     ]
     assert main(["samplers"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
