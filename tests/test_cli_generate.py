@@ -203,6 +203,39 @@ def test_ctrl_c_then_resume_ends_as_an_uninterrupted_run(model, tmp_path, monkey
     assert folder_state(out) == before
 
 
+def test_sigterm_stops_at_once_then_resume_ends_as_an_uninterrupted_run(model, tmp_path, monkeypatch, capsys):
+    """kill, timeout, a job scheduler: stop now, as a second Ctrl-C does; exit 143, nothing half-written."""
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\ntwo\nthree\n", encoding="utf-8")
+    clean = tmp_path / "clean"
+    assert generate(prompts, "--model", model, "--out", clean, *FAST) == 0
+
+    real = LatentDiffusionPipeline.__call__
+    calls = []
+
+    def terminated(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # while the second image is being made
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "__call__", terminated)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert generate(prompts, "--model", model, "--out", out, *FAST) == 143
+    err = capsys.readouterr().err
+    assert "made 1, skipped 0" in err and "rerun with --resume" in err and "Traceback" not in err
+    assert [r["line"] for r in manifest(out)] == [1]  # the image in hand was dropped, not half-written
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lives only while a command runs
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "__call__", real)
+    assert generate(prompts, "--model", model, "--out", out, "--resume", *FAST) == 0
+    assert folder_state(out) == folder_state(clean)
+
+
 def test_resume_remakes_missing_files_and_changed_settings(model, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["-p", "p1", "-p", "p2", "--model", model, "--out", out, *FAST]
@@ -646,3 +679,21 @@ def test_a_bad_line_under_accelerates_cpu_launcher_is_one_line_not_a_traceback(m
     assert "[rank 0/2] made 1" in done.stderr and "[rank 1/2] made 1" in done.stderr
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
     assert len(manifest(tmp_path / "o")) == 2
+
+
+def test_sigterm_raises_terminated_only_inside_the_block_and_a_forked_worker_still_dies_of_it():
+    from latentdiff.cli import Terminated, stop_on_sigterm, stopped_status
+
+    with pytest.raises(Terminated), stop_on_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert (stopped_status(Terminated()), stopped_status(KeyboardInterrupt())) == (143, 130)
+    with stop_on_sigterm():
+        pid = os.fork()
+        if pid == 0:  # a worker forked inside the block inherits the handler
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            finally:
+                os._exit(0)  # reached only if the signal did not end it
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -689,6 +691,24 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_kept(model_dir, data_dir, tmp_
     assert "Traceback" not in err
     monkeypatch.setattr(ckpt, "write_checkpoint", real)
     assert run(model_dir, data_dir, out, "--resume", "latest", steps=4, every=1) == 0
+
+
+def test_sigterm_is_met_as_ctrl_c_with_status_143(model_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """kill, a job scheduler, accelerate's launcher on Ctrl-C: one line naming the checkpoint kept, no traceback."""
+    real = ckpt.write_checkpoint
+
+    def write_then_terminate(out_dir, step, *args):
+        path = real(out_dir, step, *args)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return path
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", write_then_terminate)
+    out = tmp_path / "o"
+    assert run(model_dir, data_dir, out, steps=4, every=1) == 143
+    err = capsys.readouterr().err
+    assert f"interrupted; {out / 'checkpoint-2'} is the newest complete checkpoint" in err
+    assert "Traceback" not in err
 
 
 def test_options_that_do_nothing_alone_are_refused(model_dir, data_dir, tmp_path, capsys):

@@ -7,8 +7,10 @@ import contextlib
 import errno
 import importlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -44,6 +46,40 @@ def one_line_warnings(prefix: str):
         yield
     finally:
         warnings.formatwarning = plain
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a job scheduler, accelerate's launcher on Ctrl-C): a request to stop, met as
+    a Ctrl-C is (what is written stays whole, the one-line report says how to go on), with exit status 143."""
+
+
+def stopped_status(stop: KeyboardInterrupt) -> int:
+    """128 + the signal: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM raises Terminated in this process while the block runs. Python's default is to die on the
+    spot: no report, temporary files left beside the outputs. A forked worker (it inherits the handler) still
+    dies of it at once; a SIGTERM this process ignores stays ignored."""
+    owner = os.getpid()
+
+    def handle(signum, frame):
+        if os.getpid() != owner:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise Terminated
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    if not main_thread or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class UserError(Exception):
@@ -91,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name, None) == "":
             parser.error(f"--{name.replace('_', '-')} is empty; give a path (is a shell variable unset?)")
     try:
-        with one_line_warnings(f"latentdiff {args.command}: "):
+        with one_line_warnings(f"latentdiff {args.command}: "), stop_on_sigterm():
             code = int(modules[args.command].run(args) or 0)
         sys.stdout.flush()  # here, not at exit: a closed pipe must fail where it is handled, below
         return code
@@ -103,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"latentdiff {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(f"latentdiff {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return stopped_status(stop)
     except OSError as e:
         if machine_error(e) is None:
             raise

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentdiff.cli import UserError, prepare_out
+from latentdiff.cli import UserError, prepare_out, stopped_status
 from latentdiff.naming import grid_filename, image_filename
 from latentdiff.prompts import MAX_BATCH, MAX_SEED, LineError, PromptFileError, PromptJob, check_value, read_prompt_file
 
@@ -182,7 +182,7 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=pending, unit="img", disable=args.quiet or not main_process, desc="generating")
-    interrupted, write_error = False, None
+    interrupted, stop_status, write_error = False, 130, None  # 130: the status of a Ctrl-C
     generating = time.perf_counter()
     with _StopOnCtrlC() as stop:
         try:
@@ -228,8 +228,8 @@ def run(args) -> int:
                             raise KeyboardInterrupt from None  # stop as an interruption does: what is written stays
                         counts["made"] += 1
                         bar.update(1)
-        except KeyboardInterrupt:  # a second Ctrl-C: stop now; what was written is whole
-            interrupted = True
+        except KeyboardInterrupt as stop:  # a second Ctrl-C or SIGTERM: stop now; what was written is whole
+            interrupted, stop_status = True, stopped_status(stop)
     bar.close()
 
     if state is not None and not interrupted:
@@ -247,7 +247,7 @@ def run(args) -> int:
     if write_error is not None:
         return 1
     if interrupted:
-        return 130
+        return stop_status
     return 1 if errors or counts["failed"] else 0
 
 

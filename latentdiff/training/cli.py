@@ -254,14 +254,15 @@ def main(argv=None) -> int:
 
 def run_reporting(train_fn, args, user_errors: tuple[type[Exception], ...] = ()) -> tuple[dict, int]:
     """(train_fn(args), 0); or ({}, exit status) with one line on stderr, not a traceback, for a user's mistake
-    (TrainingError, `user_errors`), a full disk and the like, or Ctrl-C (status 130, naming what is kept)."""
-    from latentdiff.cli import machine_error, one_line_warnings
+    (TrainingError, `user_errors`), a full disk and the like, or Ctrl-C / SIGTERM (status 130 / 143, naming
+    what is kept)."""
+    from latentdiff.cli import machine_error, one_line_warnings, stop_on_sigterm, stopped_status
     from latentdiff.training import checkpoint as ckpt
     from latentdiff.training.errors import TrainingError
 
     fresh, finished = not os.path.lexists(args.output_dir), False
     try:
-        with one_line_warnings(""):
+        with one_line_warnings(""), stop_on_sigterm():
             summary = train_fn(args)
         finished = True
         return summary, 0
@@ -271,7 +272,7 @@ def run_reporting(train_fn, args, user_errors: tuple[type[Exception], ...] = ())
         if machine_error(e) is None:
             raise
         print(f"error: {machine_error(e)}", file=sys.stderr)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (kill, a job scheduler): 130 or 143
         found = ckpt.complete_checkpoints(args.output_dir)
         kept = (
             f"{found[-1][1]} is the newest complete checkpoint: carry on with --resume latest"
@@ -279,7 +280,7 @@ def run_reporting(train_fn, args, user_errors: tuple[type[Exception], ...] = ())
             else "no checkpoint was written yet (--checkpoint-every sets how often)"
         )
         print(f"interrupted; {kept}", file=sys.stderr)
-        return {}, 130
+        return {}, stopped_status(stop)
     finally:
         if fresh and not finished:  # a folder this run made and left empty (a bad --model, say) is not kept
             with contextlib.suppress(OSError):
