@@ -164,7 +164,14 @@ def test_jsonl_csv_images_per_line_batching_and_grid(model, tmp_path, monkeypatc
     assert [(r["prompt"], r["seed"], r["steps"]) for r in manifest(out2)] == [("x, y", 7, 2), ("z", 1, 1)]
 
 
-def test_ctrl_c_then_resume_ends_as_an_uninterrupted_run(model, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("stop", "status", "made"),
+    [
+        (signal.SIGINT, 130, 2),  # Ctrl-C: the image in hand is finished, nothing after it
+        (signal.SIGTERM, 143, 1),  # kill, timeout, a job scheduler: stop at once, as a second Ctrl-C does
+    ],
+)
+def test_a_stop_then_resume_ends_as_an_uninterrupted_run(model, tmp_path, monkeypatch, capsys, stop, status, made):
     from latentdiff.pipeline import LatentDiffusionPipeline
 
     prompts = tmp_path / "p.txt"
@@ -178,22 +185,23 @@ def test_ctrl_c_then_resume_ends_as_an_uninterrupted_run(model, tmp_path, monkey
     def interrupting(self, *a, **kw):
         calls.append(1)
         if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the second image is being made
+            os.kill(os.getpid(), stop)  # while the second image is being made
         return real(self, *a, **kw)
 
     monkeypatch.setattr(LatentDiffusionPipeline, "__call__", interrupting)
     out = tmp_path / "out"
     capsys.readouterr()
-    assert generate(prompts, "--model", model, "--out", out, *FAST) == 130
+    assert generate(prompts, "--model", model, "--out", out, *FAST) == status
     err = capsys.readouterr().err
-    assert "made 2, skipped 0" in err and "rerun with --resume" in err
-    assert len(calls) == 2  # the image in hand was finished, nothing after it
-    assert [r["line"] for r in manifest(out)] == [1, 2]
+    assert f"made {made}, skipped 0" in err and "rerun with --resume" in err and "Traceback" not in err
+    assert len(calls) == 2
+    assert [r["line"] for r in manifest(out)] == [1, 2][:made]  # nothing half-written
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lives only while a command runs
 
     monkeypatch.setattr(LatentDiffusionPipeline, "__call__", real)
     assert generate(prompts, "--model", model, "--out", out, "--resume", *FAST) == 0
-    assert "made 2, skipped 2" in capsys.readouterr().err
+    assert f"made {4 - made}, skipped {made}" in capsys.readouterr().err
     assert folder_state(out) == folder_state(clean)
 
     # Resuming a finished folder makes nothing and changes nothing: no duplicate manifest lines.
@@ -201,39 +209,6 @@ def test_ctrl_c_then_resume_ends_as_an_uninterrupted_run(model, tmp_path, monkey
     assert generate(prompts, "--model", model, "--out", out, "--resume", *FAST) == 0
     assert "made 0, skipped 4" in capsys.readouterr().err
     assert folder_state(out) == before
-
-
-def test_sigterm_stops_at_once_then_resume_ends_as_an_uninterrupted_run(model, tmp_path, monkeypatch, capsys):
-    """kill, timeout, a job scheduler: stop now, as a second Ctrl-C does; exit 143, nothing half-written."""
-    from latentdiff.pipeline import LatentDiffusionPipeline
-
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("one\ntwo\nthree\n", encoding="utf-8")
-    clean = tmp_path / "clean"
-    assert generate(prompts, "--model", model, "--out", clean, *FAST) == 0
-
-    real = LatentDiffusionPipeline.__call__
-    calls = []
-
-    def terminated(self, *a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # while the second image is being made
-        return real(self, *a, **kw)
-
-    monkeypatch.setattr(LatentDiffusionPipeline, "__call__", terminated)
-    out = tmp_path / "out"
-    capsys.readouterr()
-    assert generate(prompts, "--model", model, "--out", out, *FAST) == 143
-    err = capsys.readouterr().err
-    assert "made 1, skipped 0" in err and "rerun with --resume" in err and "Traceback" not in err
-    assert [r["line"] for r in manifest(out)] == [1]  # the image in hand was dropped, not half-written
-    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lives only while a command runs
-
-    monkeypatch.setattr(LatentDiffusionPipeline, "__call__", real)
-    assert generate(prompts, "--model", model, "--out", out, "--resume", *FAST) == 0
-    assert folder_state(out) == folder_state(clean)
 
 
 def test_resume_remakes_missing_files_and_changed_settings(model, tmp_path, capsys):

@@ -674,41 +674,29 @@ def test_resuming_with_another_lora_rank_names_the_shapes(model_dir, data_dir, t
     assert "tensor(s) of another shape, e.g. unet." in err and "Traceback" not in err
 
 
-def test_ctrl_c_is_one_line_naming_the_checkpoint_kept(model_dir, data_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(("stop", "status"), [("ctrl-c", 130), ("sigterm", 143)])
+def test_a_stop_is_one_line_naming_the_checkpoint_kept(
+    model_dir, data_dir, tmp_path, capsys, monkeypatch, stop, status
+):
+    """Ctrl-C, or SIGTERM (kill, a job scheduler, accelerate's launcher on Ctrl-C): no traceback, resumable."""
     real = ckpt.write_checkpoint
 
-    def write_then_interrupt(out_dir, step, *args):
+    def write_then_stop(out_dir, step, *args):
         path = real(out_dir, step, *args)
-        if step == 2:
+        if step == 2 and stop == "ctrl-c":
             raise KeyboardInterrupt
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
         return path
 
-    monkeypatch.setattr(ckpt, "write_checkpoint", write_then_interrupt)
+    monkeypatch.setattr(ckpt, "write_checkpoint", write_then_stop)
     out = tmp_path / "o"
-    assert run(model_dir, data_dir, out, steps=4, every=1) == 130
+    assert run(model_dir, data_dir, out, steps=4, every=1) == status
     err = capsys.readouterr().err
     assert f"interrupted; {out / 'checkpoint-2'} is the newest complete checkpoint: carry on with --resume" in err
     assert "Traceback" not in err
     monkeypatch.setattr(ckpt, "write_checkpoint", real)
     assert run(model_dir, data_dir, out, "--resume", "latest", steps=4, every=1) == 0
-
-
-def test_sigterm_is_met_as_ctrl_c_with_status_143(model_dir, data_dir, tmp_path, capsys, monkeypatch):
-    """kill, a job scheduler, accelerate's launcher on Ctrl-C: one line naming the checkpoint kept, no traceback."""
-    real = ckpt.write_checkpoint
-
-    def write_then_terminate(out_dir, step, *args):
-        path = real(out_dir, step, *args)
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return path
-
-    monkeypatch.setattr(ckpt, "write_checkpoint", write_then_terminate)
-    out = tmp_path / "o"
-    assert run(model_dir, data_dir, out, steps=4, every=1) == 143
-    err = capsys.readouterr().err
-    assert f"interrupted; {out / 'checkpoint-2'} is the newest complete checkpoint" in err
-    assert "Traceback" not in err
 
 
 def test_options_that_do_nothing_alone_are_refused(model_dir, data_dir, tmp_path, capsys):
