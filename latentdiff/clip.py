@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentdiff.config import UnsupportedConfigError
+from latentdiff.config import UnsupportedConfigError, from_config_dict
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP (SD 1.x)
@@ -48,16 +48,11 @@ class CLIPTextSettings:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], where: str = "text_encoder/config.json") -> CLIPTextSettings:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in config.items():
-            if key in fields:
-                kwargs[key] = value
-            elif key not in IGNORED_KEYS:
-                raise UnsupportedConfigError(
-                    f"{where}: unknown config key {key!r} (value {value!r}); latentdiff does not support it"
-                )
-        settings = cls(**kwargs)
+        # from_config_dict names a mistyped value: unchecked, "512" or 0 failed later as a TypeError or
+        # ZeroDivisionError, a traceback from loading and from `latentdiff info`
+        settings = from_config_dict(cls, {k: v for k, v in config.items() if k not in IGNORED_KEYS}, where)
+        if settings.num_attention_heads < 1:
+            raise ValueError(f"{where}: num_attention_heads must be at least 1, got {settings.num_attention_heads}")
         if settings.hidden_act not in ACTIVATIONS:
             raise UnsupportedConfigError(
                 f"{where}: hidden_act {settings.hidden_act!r} is not supported (only {', '.join(ACTIVATIONS)})"

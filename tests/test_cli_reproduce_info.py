@@ -190,6 +190,7 @@ def test_save_writes_a_new_file_and_keeps_one_that_appeared_meanwhile(image, tmp
         ("tokenizer", "has no 'tokenizer' component folder"),
         ("unet/config.json", "extra input channels mean an inpainting or instruct-pix2pix model"),
         ("scheduler/scheduler_config.json", "solver_order"),
+        ("text_encoder/config.json", "num_attention_heads must be at least 1, got 0"),  # not a ZeroDivisionError
     ],
 )
 def test_info_shows_the_problems_loading_refuses(model, tmp_path, capsys, damage, message):
@@ -201,9 +202,11 @@ def test_info_shows_the_problems_loading_refuses(model, tmp_path, capsys, damage
         shutil.rmtree(folder / "tokenizer")
     else:  # a config loading refuses before any weight is read: an inpainting U-Net, a DPM-Solver of order 3
         config = json.loads((folder / damage).read_text())
-        changes = {"in_channels": 9} if damage.startswith("unet") else {"solver_order": 3}
-        if damage.startswith("scheduler"):
-            changes["_class_name"] = "DPMSolverMultistepScheduler"
+        changes = {
+            "unet": {"in_channels": 9},
+            "scheduler": {"solver_order": 3, "_class_name": "DPMSolverMultistepScheduler"},
+            "text_encoder": {"num_attention_heads": 0},
+        }[damage.split("/")[0]]
         (folder / damage).write_text(json.dumps({**config, **changes}))
     with pytest.raises(ValueError, match=re.escape(message)) as refused:  # ModelFolderError, UnsupportedConfigError
         LatentDiffusionPipeline.from_pretrained(folder)

@@ -170,6 +170,11 @@ def test_text_config_errors():
         CLIPTextSettings.from_dict({"hidden_act": "relu"})
     with pytest.raises(UnsupportedConfigError, match="unknown config key 'rotary'"):
         CLIPTextSettings.from_dict({"rotary": True})
+    # a mistyped or zero size is named, as for the U-Net's and VAE's configs (not a TypeError, ZeroDivisionError)
+    with pytest.raises(ValueError, match="hidden_size = '512' is not an integer"):
+        CLIPTextSettings.from_dict({"hidden_size": "512"})
+    with pytest.raises(ValueError, match="num_attention_heads must be at least 1, got 0"):
+        CLIPTextSettings.from_dict({"num_attention_heads": 0})
     encoder = CLIPTextEncoder(
         CLIPTextSettings(vocab_size=10, hidden_size=8, num_attention_heads=2, num_hidden_layers=2)
     )
