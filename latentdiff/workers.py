@@ -107,8 +107,9 @@ def render_split(render: Render, count: int, item_shape: tuple[int, ...], worker
         with num_threads(max(1, threads - len(children))):
             out[start:stop] = render(start, stop, progress)
         for pid in list(children):
-            error_fd, start, stop = children.pop(pid)
+            error_fd, start, stop = children[pid]
             error = reap(pid, error_fd)
+            del children[pid]  # only now: one interrupted while waiting for it is still killed below
             if error is not None:
                 redo.append((start, stop, f"a worker process failed: {error}"))
         for start, stop, why in redo:  # nothing is lost: the slice is made here instead

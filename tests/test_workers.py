@@ -1,6 +1,7 @@
 """A batch cut across forked worker processes: the same images, nothing lost when a worker fails."""
 
 import os
+import signal
 import threading
 import time
 
@@ -90,6 +91,32 @@ def test_an_interrupt_leaves_no_worker_behind(forked_pids):
         parallel.render_split(render, 4, SHAPE, 2, progress=False)
     assert time.monotonic() - began < 30 and len(started) == 1
     with pytest.raises(ProcessLookupError):  # killed and reaped, not a zombie
+        os.kill(started[0], 0)
+
+
+def test_an_interrupt_while_waiting_for_a_worker_leaves_none_behind(forked_pids):
+    """SIGTERM (`kill`: this process only) or a second Ctrl-C after this process's own slice is made."""
+    started = forked_pids
+
+    def render(start, stop, show):
+        if os.getpid() != PARENT:
+            time.sleep(60)
+        return fake_render(start, stop, show)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)  # the parent is then waiting for its worker
+    try:
+        began = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            parallel.render_split(render, 2, SHAPE, 2, progress=False)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - began < 30 and len(started) == 1
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left computing
         os.kill(started[0], 0)
 
 
