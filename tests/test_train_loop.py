@@ -699,6 +699,44 @@ def test_a_stop_is_one_line_naming_the_checkpoint_kept(
     assert run(model_dir, data_dir, out, "--resume", "latest", steps=4, every=1) == 0
 
 
+def test_sigterm_to_the_process_group_with_dataloader_workers_is_the_same_one_line(
+    model_dir, data_dir, tmp_path, capsys, monkeypatch
+):
+    """`timeout`, a job scheduler or accelerate's launcher signal every process: a DataLoader worker dies of
+    the SIGTERM too, often only after this process has met its own, which torch's SIGCHLD handler must not
+    turn into a traceback."""
+    import multiprocessing
+    import subprocess
+    import time
+
+    real_write, real_find = ckpt.write_checkpoint, ckpt.complete_checkpoints
+    workers = []
+
+    def write_then_sigterm(out_dir, step, *args):
+        path = real_write(out_dir, step, *args)
+        if step == 2:
+            workers.extend(multiprocessing.active_children())
+            assert len(workers) == 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return path
+
+    def worker_dies_then_find(out_dir):  # after the SIGTERM: called while the stop is reported
+        for worker in workers:  # killed from another process: torch's exits quietly on a SIGTERM from its parent
+            subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
+            while os.waitid(os.P_PID, worker.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                time.sleep(0.01)
+        return real_find(out_dir)
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", write_then_sigterm)
+    monkeypatch.setattr(ckpt, "complete_checkpoints", worker_dies_then_find)
+    out = tmp_path / "o"
+    assert run(model_dir, data_dir, out, "--num-workers", "1", steps=4, every=1) == 143
+    err = capsys.readouterr().err
+    assert f"interrupted; {out / 'checkpoint-2'} is the newest complete checkpoint" in err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_options_that_do_nothing_alone_are_refused(model_dir, data_dir, tmp_path, capsys):
     for extra, message in [
         (["--validation-prompts", "a cat"], "--validation-prompts does nothing without --validate-every"),

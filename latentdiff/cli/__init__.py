@@ -69,6 +69,11 @@ def stop_on_sigterm():
         if os.getpid() != owner:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
+        # A SIGTERM to the whole group (`timeout`, a job scheduler, accelerate's launcher) ends the DataLoader
+        # workers too, often only after this block: torch's SIGCHLD handler would report that as their failure,
+        # a traceback over this stop. Not put back: this process is stopping, and torch reaps them at any time.
+        if callable(signal.getsignal(signal.SIGCHLD)):
+            signal.signal(signal.SIGCHLD, _quiet)
         raise Terminated
 
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
@@ -80,6 +85,10 @@ def stop_on_sigterm():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet(signum, frame) -> None:
+    """A SIGCHLD handler that does nothing (a Python one: SIG_IGN would reap every child before its waitpid)."""
 
 
 class UserError(Exception):
