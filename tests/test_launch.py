@@ -185,3 +185,22 @@ def test_sigterm_to_the_launcher_reaches_the_processes(tmp_path):
     process.terminate()  # only the launcher, as a job scheduler might
     _, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM and err == STARTING
+
+
+def test_sigterm_to_the_whole_group_reaches_each_process_once(tmp_path):
+    """`timeout`, a job scheduler, accelerate's launcher: every process gets the SIGTERM. One stopping on it
+    (a rank writing what it holds, reporting) must not get a second one from the launcher and die of it."""
+    child = (
+        "terms = []\n"
+        "signal.signal(signal.SIGTERM, lambda *_: terms.append(1) or report(len(terms)))\n"
+        + READY
+        + "while not terms: time.sleep(0.01)\n"
+        + "time.sleep(1)\n"  # stopping takes a while
+        + "sys.exit(128 + signal.SIGTERM)\n"
+    )
+    process = start(tmp_path, child)
+    wait_ready(tmp_path, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM and err == STARTING
+    assert results(tmp_path) == [1, 1]

@@ -22,7 +22,9 @@ from pathlib import Path
 
 GRACE_S = 60.0  # after one process fails, how long the others get to finish (or fail) on their own
 KILL_AFTER_S = 10.0  # from SIGTERM to SIGKILL
-STOP_NOW_S = 3.0  # from a second Ctrl-C to SIGTERM: the processes got that Ctrl-C too, and normally stop by then
+# from a second Ctrl-C or a SIGTERM to passing SIGTERM on: the processes got that Ctrl-C too, and a SIGTERM
+# to the group (`timeout`, a job scheduler, accelerate's launcher) too; they normally stop by then
+STOP_NOW_S = 3.0
 ACCELERATE_PORT = "29500"  # the MASTER_PORT accelerate's launcher sets when not given --main_process_port
 
 
@@ -158,15 +160,15 @@ class _Group:
 
     def _stop_requested(self, signum: int) -> None:
         """A first Ctrl-C reached the processes as well (one process group): they stop on their own, as each
-        does when run alone. A second, or SIGTERM (accelerate's launcher sends it on Ctrl-C), stops them."""
+        does when run alone. A second, or SIGTERM (accelerate's launcher sends it on Ctrl-C), stops them: passed
+        on STOP_NOW_S later to those still running, as a SIGTERM to the group reached them already, and a
+        second one would kill a process that is stopping on the first."""
         self.stopping = True
         self.status = self.status or 128 + signum
-        if signum == signal.SIGTERM:
-            self.deadline = time.monotonic()
-        else:
+        if signum == signal.SIGINT:
             self.interrupts += 1
-            if self.interrupts > 1:
-                self.deadline = min(self.deadline, time.monotonic() + STOP_NOW_S)
+        if signum == signal.SIGTERM or self.interrupts > 1:
+            self.deadline = min(self.deadline, time.monotonic() + STOP_NOW_S)
 
     def _escalate(self, running: int) -> None:
         if self.sent == 0 and not self.stopping:
