@@ -11,12 +11,24 @@ import sys
 from latentdiff.training.images import DEFAULT_MAX_PIXELS
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help only where X says something: not for a required option, a flag
+    that is off, an unset (None) option, or one whose help already names its default."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        unset = action.default is None or action.default is False or action.default == []
+        if action.required or unset or "default" in help:
+            return help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
         description="Fine-tune a latentdiff / Stable Diffusion model folder on image-caption pairs, with Accelerate "
         "(run unchanged under `accelerate launch` for several processes, GPUs or nodes).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     run = p.add_argument_group("run")
     run.add_argument("--model", required=True, help="diffusers-layout model folder to start from")
@@ -34,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resolution", type=int, default=None, help="square training size in pixels (default: the model's)"
     )
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="seeds the data order, noise, caption dropout and validation")
     run.add_argument("--checkpoint-every", type=int, default=0, help="write OUT/checkpoint-N every N steps (0: never)")
     run.add_argument("--keep-checkpoints", type=int, default=None, help="keep only the newest K checkpoints")
     run.add_argument(
@@ -44,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     data = p.add_argument_group("data")
-    data.add_argument("--caption-extension", default=".txt")
+    data.add_argument("--caption-extension", default=".txt", help="extension of the same-name caption files")
     data.add_argument("--image-column", default="file_name", help="metadata column naming the image file")
     data.add_argument("--caption-column", default="text", help="metadata column holding the caption")
     data.add_argument(
@@ -88,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: the rank)")
     model.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
-    model.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    model.add_argument(
+        "--mixed-precision",
+        choices=["no", "fp16", "bf16"],
+        default="no",
+        help="Accelerate's autocast dtype; the frozen modules are kept in it",
+    )
 
     opt = p.add_argument_group("optimization")
     opt.add_argument("--learning-rate", type=float, default=None, help="default 1e-5, or 1e-4 with --lora-rank")
@@ -99,11 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="constant",
         help="after warm-up; cosine decays to 0 at --max-steps",
     )
-    opt.add_argument("--lr-warmup-steps", type=int, default=0)
-    opt.add_argument("--adam-beta1", type=float, default=0.9)
-    opt.add_argument("--adam-beta2", type=float, default=0.999)
-    opt.add_argument("--adam-weight-decay", type=float, default=1e-2)
-    opt.add_argument("--adam-epsilon", type=float, default=1e-8)
+    opt.add_argument("--lr-warmup-steps", type=int, default=0, help="steps of linear warm-up from 0")
+    opt.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW's beta1")
+    opt.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW's beta2")
+    opt.add_argument("--adam-weight-decay", type=float, default=1e-2, help="AdamW's decoupled weight decay")
+    opt.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW's epsilon")
     opt.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     opt.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: off)")
     opt.add_argument(
@@ -121,7 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="weigh every noise level as a v-prediction loss would (x0 weight SNR+1), whatever the model predicts",
     )
-    opt.add_argument("--noise-offset", type=float, default=0.0)
+    opt.add_argument(
+        "--noise-offset",
+        type=float,
+        default=0.0,
+        help="add this times a random per-channel constant to the noise (offset noise: lets flat dark or light "
+        "backgrounds be learnt)",
+    )
     opt.add_argument(
         "--timestep-range",
         type=int,
@@ -141,11 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--max-nan-steps", type=int, default=5, help="stop after this many NaN/inf steps in a row")
 
     out = p.add_argument_group("output")
-    out.add_argument("--validate-every", type=int, default=0, help="sample --validation-prompts every N steps")
-    out.add_argument("--validation-prompts", nargs="*", default=[], metavar="PROMPT")
+    out.add_argument(
+        "--validate-every", type=int, default=0, help="sample --validation-prompts every N steps (0: never)"
+    )
+    out.add_argument(
+        "--validation-prompts", nargs="*", default=[], metavar="PROMPT", help="prompts of the validation grids"
+    )
     out.add_argument("--validation-steps", type=int, default=20, help="sampling steps for validation grids")
     out.add_argument("--validation-guidance-scale", type=float, default=None, help="default: the model's")
-    out.add_argument("--report-to", choices=["tensorboard", "none"], default="tensorboard")
+    out.add_argument(
+        "--report-to",
+        choices=["tensorboard", "none"],
+        default="tensorboard",
+        help="TensorBoard logs (loss, learning rate) in OUT/logs",
+    )
     out.add_argument("--save-dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of final/")
     return p
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from latentdiff.training import checkpoint as ckpt
-from latentdiff.training.cli import check_companions, check_numbers, run_reporting
+from latentdiff.training.cli import DefaultsHelpFormatter, check_companions, check_numbers, run_reporting
 from latentdiff.training.errors import NonFiniteLossError, TrainingError
 from latentdiff.training.progress import rate_text
 
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_vae.py",
         description="Train the autoencoder from scratch (L1 + edge + KL), with Accelerate; writes OUT/vae/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--data", default="shapes", help="'shapes' / 'shapes:SEED' or a folder of images")
     p.add_argument("--output-dir", required=True, help="checkpoints, logs and vae/ go here")
