@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             continue  # a sub-command not written yet
         modules[name] = module
-        sub = subparsers.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        summary = (module.__doc__ or "").strip().splitlines()[0]
+        sub = subparsers.add_parser(name, help=summary, description=summary)
         module.add_arguments(sub)
     args = parser.parse_args(argv)
     for name in PATH_OPTIONS:  # "" is what an unset shell variable gives: not the current or bundled folder

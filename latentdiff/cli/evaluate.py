@@ -1,4 +1,4 @@
-"""score prompt-following on Shapes prompts (GenEval-style): a folder from `generate`, or a model"""
+"""Score prompt-following on Shapes prompts (GenEval-style): a folder from `generate`, or a model."""
 
 from __future__ import annotations
 
@@ -21,14 +21,20 @@ SCORES = ("report.json", "results.jsonl", "contact_sheet.png")  # report.json fi
 def add_arguments(parser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder written by `latentdiff generate` (reads its manifest.jsonl)")
-    source.add_argument("--model", help="model folder (or id) to generate with, then score")
-    parser.add_argument("--out", required=True, help="folder for results.jsonl, report.json, contact_sheet.png")
+    source.add_argument("--model", help="model folder to generate with, then score")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="folder for results.jsonl, report.json, contact_sheet.png (with --model also images/, manifest.jsonl)",
+    )
     parser.add_argument(
         "--prompts", help="with --model: canonical prompts, one a line (default: the bundled held-out suite)"
     )
     parser.add_argument("--images-per-prompt", type=int, default=4, help="with --model (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="with --model: image i of the run gets seed + i")
-    parser.add_argument("--batch-size", type=int, default=8, help="with --model: prompts per pipeline call")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="with --model: image i of the run gets seed + i (default 0)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="with --model: prompts per pipeline call (default 8)")
     parser.add_argument("--steps", type=int, help="with --model: sampling steps (default: the pipeline's)")
     parser.add_argument("--guidance-scale", type=float, help="with --model: guidance_scale (default: the pipeline's)")
     parser.add_argument(

@@ -567,7 +567,7 @@ class _StopOnCtrlC:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after the image in hand (Ctrl-C again to stop now)", file=sys.stderr)
+        print("\nstopping after the batch in hand (Ctrl-C again to stop now)", file=sys.stderr)
 
     def __exit__(self, *exc):
         if self._previous is not None:

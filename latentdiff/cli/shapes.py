@@ -1,4 +1,4 @@
-"""write a Shapes dataset: synthetic coloured-shape scenes with captions (PNGs + metadata.jsonl)"""
+"""Write a Shapes dataset: synthetic coloured-shape scenes with captions (PNGs + metadata.jsonl)."""
 
 from __future__ import annotations
 
