@@ -662,6 +662,14 @@ def test_sigterm_raises_terminated_only_inside_the_block_and_a_forked_worker_sti
     with pytest.raises(Terminated), stop_on_sigterm():
         os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    reported = False
+    with stop_on_sigterm():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except Terminated:  # a second one (a group signal, then accelerate's launcher) must not cut the report short
+            os.kill(os.getpid(), signal.SIGTERM)
+            reported = True
+    assert reported and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert (stopped_status(Terminated()), stopped_status(KeyboardInterrupt())) == (143, 130)
     with stop_on_sigterm():
         pid = os.fork()
@@ -672,3 +680,20 @@ def test_sigterm_raises_terminated_only_inside_the_block_and_a_forked_worker_sti
                 os._exit(0)  # reached only if the signal did not end it
         _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+
+
+def test_a_forked_worker_leaves_ctrl_c_to_its_parent(capfd):
+    """The terminal's Ctrl-C reaches the workers too: one message (the parent's), and the workers go on."""
+    from latentdiff.cli.generate import _StopOnCtrlC
+
+    with _StopOnCtrlC() as stop:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+            finally:
+                os._exit(7)  # carried on past the signal
+        _, status = os.waitpid(pid, 0)
+        os.kill(os.getpid(), signal.SIGINT)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
+    assert stop.requested and capfd.readouterr().err.count("stopping after the batch in hand") == 1

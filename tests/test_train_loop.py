@@ -654,6 +654,40 @@ def test_a_checkpoint_another_process_failed_to_write_is_not_marked_complete(tmp
     assert ckpt.complete_checkpoints(tmp_path) == []
 
 
+class _Alone(_Peer):
+    """The only process: its write is the only one."""
+
+    def reduce(self, tensor, reduction):
+        return tensor
+
+
+def test_a_stop_while_rewriting_a_checkpoint_keeps_the_earlier_one(tmp_path, monkeypatch):
+    """Writing checkpoint-N again moves the old one aside first; stopped between the two renames, the next start
+    puts it back, and a checkpoint never appears without its marker."""
+    write = lambda text: lambda folder: (folder / "weights").write_text(text)  # noqa: E731
+    ckpt.write_checkpoint(tmp_path, 5, _Alone(), write("old"), {"a": 1})
+    replaced = []
+
+    def stop_after_moving_aside(source, target):
+        os.rename(source, target)
+        replaced.append(target)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.os, "replace", stop_after_moving_aside)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.write_checkpoint(tmp_path, 5, _Alone(), write("new"), {"a": 1})
+    monkeypatch.undo()
+    assert [p.name for p in replaced] == [".checkpoint-5.old"] and ckpt.complete_checkpoints(tmp_path) == []
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert ckpt.complete_checkpoints(tmp_path) == [(5, tmp_path / "checkpoint-5")]
+    assert (tmp_path / "checkpoint-5" / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
+
+    ckpt.write_checkpoint(tmp_path, 5, _Alone(), write("new"), {"a": 1})  # uninterrupted: the new one, whole
+    assert (tmp_path / "checkpoint-5" / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
+
+
 def test_a_fresh_start_never_overwrites_an_earlier_run(model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "o"
     assert run(model_dir, data_dir, out, steps=2, every=2) == 0

@@ -63,12 +63,16 @@ def stop_on_sigterm():
     """SIGTERM raises Terminated in this process while the block runs. Python's default is to die on the
     spot: no report, temporary files left beside the outputs. A forked worker (it inherits the handler) still
     dies of it at once; a SIGTERM this process ignores stays ignored."""
-    owner = os.getpid()
+    owner, stopping = os.getpid(), False
 
     def handle(signum, frame):
+        nonlocal stopping
         if os.getpid() != owner:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
+        if stopping:  # a group signal and accelerate's launcher each send one: the stop is already under way
+            return
+        stopping = True
         # A SIGTERM to the whole group (`timeout`, a job scheduler, accelerate's launcher) ends the DataLoader
         # workers too, often only after this block: torch's SIGCHLD handler would report that as their failure,
         # a traceback over this stop. Not put back: this process is stopping, and torch reaps them at any time.
@@ -83,8 +87,8 @@ def stop_on_sigterm():
     previous = signal.signal(signal.SIGTERM, handle)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler not set from Python, which cannot be put back
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _quiet(signum, frame) -> None:
@@ -136,9 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in PATH_OPTIONS:  # "" is what an unset shell variable gives: not the current or bundled folder
         if getattr(args, name, None) == "":
             parser.error(f"--{name.replace('_', '-')} is empty; give a path (is a shell variable unset?)")
+    with stop_on_sigterm():  # around the reports below too: a second SIGTERM must not cut them short
+        return _run(args, modules[args.command])
+
+
+def _run(args, module) -> int:
+    """The sub-command's exit status; a user's mistake, a closed pipe, an interruption or a full disk as one line."""
     try:
-        with one_line_warnings(f"latentdiff {args.command}: "), stop_on_sigterm():
-            code = int(modules[args.command].run(args) or 0)
+        with one_line_warnings(f"latentdiff {args.command}: "):
+            code = int(module.run(args) or 0)
         sys.stdout.flush()  # here, not at exit: a closed pipe must fail where it is handled, below
         return code
     except BrokenPipeError:

@@ -558,12 +558,14 @@ class _StopOnCtrlC:
     requested = False
 
     def __enter__(self):
-        self._previous = None
+        self._previous, self._owner = None, os.getpid()
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._owner:  # a forked worker got the terminal's Ctrl-C too: its parent decides
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True

@@ -1,7 +1,8 @@
 """Training checkpoints: OUT/checkpoint-N/ written atomically, found again for --resume, pruned to --keep-checkpoints.
 
-A checkpoint is written into a hidden temporary folder, renamed into place, and only then marked complete
-with the COMPLETE file; a folder without the marker (a crash in between) is never resumed from or counted.
+A checkpoint is written into a hidden temporary folder, marked complete there with the COMPLETE file once
+every process has written its part, and renamed into place: `checkpoint-N` appears whole or not at all. A
+folder without the marker (left by older versions) is never resumed from or counted.
 """
 
 from __future__ import annotations
@@ -137,15 +138,15 @@ def write_checkpoint(out_dir: Path, step: int, accelerator, write_shared, rng: d
             "kept: make room, then carry on with --resume latest"
         ) from None
     if accelerator.is_main_process:
+        (tmp / MARKER).write_text(f"step {step}\n")
         if final.exists():  # a re-run over an old checkpoint of the same step: move it aside first
-            old = out_dir / f".checkpoint-{step}.old"
+            old = out_dir / f".checkpoint-{step}.old"  # put back by the next start if stopped in between
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        (final / MARKER).write_text(f"step {step}\n")
     accelerator.wait_for_everyone()
     return final
 
@@ -202,11 +203,20 @@ def prune(out_dir: str | Path, keep: int | None) -> list[Path]:
 
 
 def remove_stale_temporaries(out_dir: str | Path) -> None:
-    """Temporary folders left by a run that was killed while writing a checkpoint."""
+    """Temporary folders left by a run that was killed while writing a checkpoint; an earlier checkpoint it
+    had moved aside to write the same step again is put back when the new one did not take its place."""
     out_dir = Path(out_dir)
-    if out_dir.is_dir():
-        for path in out_dir.glob(".checkpoint-*.tmp"):
-            shutil.rmtree(path, ignore_errors=True)
+    if not out_dir.is_dir():
+        return
+    for path in out_dir.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+    for old in out_dir.glob(".checkpoint-*.old"):
+        final = out_dir / old.name[1 : -len(".old")]
+        if (old / MARKER).is_file() and not (final / MARKER).is_file():
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(old, final)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare_output_dir(out_dir: Path, resume: str | None, accelerator, log, product: str = "final") -> Path | None:

@@ -288,13 +288,20 @@ def run_reporting(train_fn, args, user_errors: tuple[type[Exception], ...] = ())
     """(train_fn(args), 0); or ({}, exit status) with one line on stderr, not a traceback, for a user's mistake
     (TrainingError, `user_errors`), a full disk and the like, or Ctrl-C / SIGTERM (status 130 / 143, naming
     what is kept)."""
-    from latentdiff.cli import machine_error, one_line_warnings, stop_on_sigterm, stopped_status
+    from latentdiff.cli import stop_on_sigterm
+
+    with stop_on_sigterm():  # around the report too: a second SIGTERM must not cut it short
+        return _reporting(train_fn, args, user_errors)
+
+
+def _reporting(train_fn, args, user_errors: tuple[type[Exception], ...]) -> tuple[dict, int]:
+    from latentdiff.cli import machine_error, one_line_warnings, stopped_status
     from latentdiff.training import checkpoint as ckpt
     from latentdiff.training.errors import TrainingError
 
     fresh, finished = not os.path.lexists(args.output_dir), False
     try:
-        with one_line_warnings(""), stop_on_sigterm():
+        with one_line_warnings(""):
             summary = train_fn(args)
         finished = True
         return summary, 0
