@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                 where = out / f"{sampler}-s{steps}-g{guidance:g}"
                 flags = ["--model", args.model, "--prompts", str(prompt_file), "--out", str(where), "--seed", "0"]
                 flags += ["--images-per-prompt", "1", "--sampler", sampler, "--steps", str(steps)]
-                if cli(["eval", *flags, "--guidance-scale", str(guidance)]) != 0:
-                    return 1
+                status = cli(["eval", *flags, "--guidance-scale", str(guidance)])
+                if status:  # eval has said why; 130 / 143 for a stop, as a shell expects
+                    return status
                 report = json.loads((where / "report.json").read_text())
                 setting = {"sampler": sampler, "steps": steps, "guidance_scale": guidance}
                 rows.append({**setting, **report["categories"], "overall": report["overall"]})
