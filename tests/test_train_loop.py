@@ -823,3 +823,10 @@ def test_help_explains_every_option_and_shows_only_real_defaults(monkeypatch):
     for shown in ("(default: None)", "(default: False)", "(default: [])"):
         assert shown not in text and shown not in build_vae_parser().format_help()
     assert "(default: 0)" in text  # a zero is a real default, shown
+
+
+def test_the_last_line_counts_steps_in_english():
+    from latentdiff.training.progress import done_text
+
+    assert done_text({"steps": 1, "steps_this_run": 1, "images_per_s": 2.0}) == "done: 1 step, 2.00 images/s this run"
+    assert done_text({"steps": 3, "steps_this_run": 0}) == "done: 3 steps, no steps this run"

@@ -271,16 +271,13 @@ def main(argv=None) -> int:
             return relaunch(n, sys.argv[0], sys.argv[1:])
 
     from latentdiff.training.loop import train
-    from latentdiff.training.progress import rate_text
+    from latentdiff.training.progress import done_text
 
     summary, status = run_reporting(train, args)
     if status:
         return status
     if summary.get("final"):
-        print(
-            f"done: {summary['steps']} steps, {rate_text(summary)}, "
-            f"{summary['nan_skipped']} non-finite steps skipped; model in {summary['final']}"
-        )
+        print(f"{done_text(summary)}, {summary['nan_skipped']} non-finite steps skipped; model in {summary['final']}")
     return 0
 
 

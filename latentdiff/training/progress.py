@@ -38,6 +38,12 @@ def nothing_left(step: int, max_steps: int) -> str | None:
     return f"the checkpoint is at step {step}, not below --max-steps {max_steps}: nothing to train; writing its model"
 
 
+def done_text(summary: dict) -> str:
+    """'done: 1 step, 12.34 images/s this run': how a finished run's last line begins."""
+    steps = summary["steps"]
+    return f"done: {steps} step{'' if steps == 1 else 's'}, {rate_text(summary)}"
+
+
 def rate_text(summary: dict) -> str:
     """'12.34 images/s this run', or 'no steps this run' (a resumed run that was already done)."""
     if not summary.get("steps_this_run"):

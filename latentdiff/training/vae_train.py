@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from latentdiff.training import checkpoint as ckpt
 from latentdiff.training.cli import DefaultsHelpFormatter, check_companions, check_numbers, run_reporting
 from latentdiff.training.errors import NonFiniteLossError, TrainingError
-from latentdiff.training.progress import rate_text
+from latentdiff.training.progress import done_text
 
 
 # ---- loss --------------------------------------------------------------------------------------------
@@ -498,7 +498,7 @@ def main(argv=None) -> int:
         return status
     if summary.get("vae"):
         print(
-            f"done: {summary['steps']} steps, {rate_text(summary)}, held-out L1 "
+            f"{done_text(summary)}, held-out L1 "
             f"{summary['reconstruction_l1']:.4f}, scaling_factor {summary['scaling_factor']:.4f}; "
             f"VAE in {summary['vae']}"
         )
