@@ -73,6 +73,20 @@ def one_line_error(capsys) -> str:
     return err
 
 
+def test_a_grid_names_its_images_for_reproduce(model, tmp_path, capsys, request):
+    out = tmp_path / "out"
+    fast = ["--width", "32", "--height", "32", "--steps", "2", "--quiet", "--images-per-prompt", "3", "--grid"]
+    assert main(["generate", "-p", "a star", "--model", str(model), "--out", str(out), *fast]) == 0
+    (grid,) = out.glob("*-grid-*.png")
+    images = sorted(p.name for p in out.glob("*.png") if p != grid)
+    loaded = request.getfixturevalue("loaded")  # from here on, loading is recorded and generating fails
+    capsys.readouterr()
+    assert main(["reproduce", str(grid)]) == 2
+    error = one_line_error(capsys)
+    assert f"is a --grid picture of 3 image(s) ({images[0]}, {images[1]} and 1 more)" in error
+    assert loaded == []  # told before any model is loaded
+
+
 @pytest.mark.parametrize(
     ("change", "shown", "wanted"),
     [

@@ -448,7 +448,7 @@ def _write_grids(out: Path, tasks: list[Task]) -> None:
     """One grid per line, from the images on disk (any rank may have made them); lines with gaps skipped."""
     from PIL import Image
 
-    from latentdiff.metadata import save_png
+    from latentdiff.metadata import RECORD_KEY, save_png
 
     by_line: dict[int, list[Task]] = {}
     for t in tasks:
@@ -464,6 +464,8 @@ def _write_grids(out: Path, tasks: list[Task]) -> None:
         grid = Image.new("RGB", (cols * w, rows * h))
         for i, im in enumerate(images):
             grid.paste(im, ((i % cols) * w, (i // cols) * h))
+        # a grid is made again from its images, each of which carries its own record: it names them
+        grid.info[RECORD_KEY] = json.dumps({"grid_of": [t.file for t in group]}, ensure_ascii=False)
         save_png(grid, out / grid_filename(group[0].prompt, line))
 
 

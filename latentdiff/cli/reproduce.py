@@ -87,6 +87,10 @@ def run(args) -> int:
         raise UserError(f"cannot read image {path}: {e}") from None
     if not record:
         raise UserError(f"{path} has no latentdiff metadata chunk; only images latentdiff wrote can be reproduced")
+    if isinstance(record, dict) and isinstance(record.get("grid_of"), list):  # written by `generate --grid`
+        files = [str(f) for f in record["grid_of"]]
+        shown = ", ".join(files[:2]) + (f" and {len(files) - 2} more" if len(files) > 2 else "")
+        raise UserError(f"{path} is a --grid picture of {len(files)} image(s) ({shown}); reproduce those one by one")
     check_record(record, path)
     save = Path(args.save) if args.save else None
     if save:
