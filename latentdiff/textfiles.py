@@ -29,7 +29,8 @@ def decode_text(data: bytes, name: str | Path) -> str:
         return body.decode(encoding)
     except UnicodeDecodeError as e:
         line = body[: e.start].decode(encoding, errors="replace").count("\n") + 1
-        raise NotTextError(f"{name}: not UTF-8 (line {line}, byte {skipped + e.start}); save it as UTF-8") from None
+        what = "not UTF-8" if encoding == "utf-8" else "marked UTF-16 but not valid UTF-16"  # a damaged file
+        raise NotTextError(f"{name}: {what} (line {line}, byte {skipped + e.start}); save it as UTF-8") from None
 
 
 def read_text(path: str | Path) -> str:

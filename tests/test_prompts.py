@@ -248,7 +248,7 @@ def test_prompt_file_with_a_byte_order_mark(tmp_path, encoding):
     assert [(j.line, j.prompt, j.seed) for j in jobs] == [(1, "Ünïcode fox", 4), (3, "second", None)]
     assert errors == []
     path.write_bytes(b"\xff\xfe" + "ok\nbad ".encode("utf-16-le") + b"\x00\xd8")  # a lone surrogate
-    with pytest.raises(PromptFileError, match=r"p.txt: not UTF-8 \(line 2, byte 16\)"):
+    with pytest.raises(PromptFileError, match=r"p.txt: marked UTF-16 but not valid UTF-16 \(line 2, byte 16\)"):
         read_prompt_file(path)
 
 
