@@ -806,23 +806,23 @@ def test_a_run_that_fails_at_once_leaves_no_empty_output_folder(data_dir, tmp_pa
 
 
 def test_help_explains_every_option_and_shows_only_real_defaults(monkeypatch):
-    """`train.py --help`: one line per option (wide terminal), each with a text, none with "(default: None)" or a
-    second default after the one its text names."""
+    """`train.py --help` and `train_vae.py --help`: one line per option (wide terminal), each with a text, none
+    with "(default: None)" or a second default after the one its text names."""
     import argparse
 
     from latentdiff.training.cli import build_parser
     from latentdiff.training.vae_train import build_parser as build_vae_parser
 
     monkeypatch.setenv("COLUMNS", "400")
-    parser = build_parser()
-    text = parser.format_help()
-    options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
-    assert all(a.help for a in options), [a.option_strings for a in options if not a.help]
-    for line in text.splitlines():
-        assert line.count("default") <= 1, line
-    for shown in ("(default: None)", "(default: False)", "(default: [])"):
-        assert shown not in text and shown not in build_vae_parser().format_help()
-    assert "(default: 0)" in text  # a zero is a real default, shown
+    for parser in (build_parser(), build_vae_parser()):
+        text = parser.format_help()
+        options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+        assert all(a.help for a in options), [a.option_strings for a in options if not a.help]
+        for line in text.splitlines():
+            assert line.count("default") <= 1, line
+        for shown in ("(default: None)", "(default: False)", "(default: [])"):
+            assert shown not in text
+        assert "(default: 0)" in text  # a zero is a real default, shown
 
 
 def test_the_last_line_counts_steps_in_english():

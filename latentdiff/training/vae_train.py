@@ -444,11 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --init: train only the decoder, so latents (and a U-Net trained on them) stay valid",
     )
-    p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument("--max-steps", type=int, default=3000, help="optimizer steps in all (a resumed run continues to it)")
     p.add_argument("--batch-size", type=int, default=16, help="images per process per step")
-    p.add_argument("--learning-rate", "--lr", type=float, default=2e-4, dest="learning_rate")
-    p.add_argument("--lr-scheduler", choices=["constant", "cosine"], default="cosine")
-    p.add_argument("--lr-warmup-steps", type=int, default=100)
+    p.add_argument("--learning-rate", "--lr", type=float, default=2e-4, dest="learning_rate", help="AdamW's peak rate")
+    p.add_argument(
+        "--lr-scheduler", choices=["constant", "cosine"], default="cosine", help="after warm-up; cosine decays to 0"
+    )
+    p.add_argument("--lr-warmup-steps", type=int, default=100, help="steps of linear warm-up from 0")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="weight of KL / numel(x) (LDM: 1e-6)")
     p.add_argument("--edge-weight", type=float, default=1.0, help="weight of the image-gradient L1 (0: off)")
     p.add_argument(
@@ -458,19 +460,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="count pixels off the image's background colour (its median) 1+W times in the L1 (flat backgrounds)",
     )
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    p.add_argument("--ema", type=float, nargs="?", const=0.999, default=None, metavar="DECAY")
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--keep-checkpoints", type=int, default=None)
+    p.add_argument(
+        "--ema",
+        type=float,
+        nargs="?",
+        const=0.999,
+        default=None,
+        metavar="DECAY",
+        help="keep EMA weights (decay 0.999 if no value) for validation grids and the exported VAE",
+    )
+    p.add_argument("--resolution", type=int, default=64, help="square training size in pixels")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seeds the initial weights, the data order and the latent sampling"
+    )
+    p.add_argument("--checkpoint-every", type=int, default=0, help="write OUT/checkpoint-N every N steps (0: never)")
+    p.add_argument("--keep-checkpoints", type=int, default=None, help="keep only the newest K checkpoints")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--validate-every", type=int, default=0, help="save a reconstruction grid every N steps")
     p.add_argument("--scale-samples", type=int, default=256, help="held-out images for the scaling factor")
     p.add_argument("--shapes-count", type=int, default=100_000, help="distinct scenes for --data shapes")
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--max-nan-steps", type=int, default=5)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="files with more pixels are skipped as decompression bombs",
+    )
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--max-nan-steps", type=int, default=5, help="stop after this many NaN/inf steps in a row")
+    p.add_argument(
+        "--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="Accelerate's autocast dtype"
+    )
     return p
 
 
