@@ -23,6 +23,18 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_data_reading(group) -> None:
+    """How both training scripts read their data: the same options, the same words."""
+    group.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="files with more pixels are skipped as decompression bombs",
+    )
+    group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    group.add_argument("--shapes-count", type=int, default=100_000, help="distinct scenes for --data shapes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
@@ -74,14 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="probability of training with the empty caption (needed for classifier-free guidance)",
     )
     data.add_argument("--cache-latents", action="store_true", help="encode each image once with the frozen VAE")
-    data.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help="files with more pixels are skipped as decompression bombs",
-    )
-    data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    data.add_argument("--shapes-count", type=int, default=100_000, help="distinct scenes for --data shapes")
+    add_data_reading(data)
     data.add_argument(
         "--shapes-mix",
         default=None,

@@ -42,7 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from latentdiff.training import checkpoint as ckpt
-from latentdiff.training.cli import DefaultsHelpFormatter, check_companions, check_numbers, run_reporting
+from latentdiff.training.cli import (
+    DefaultsHelpFormatter,
+    add_data_reading,
+    check_companions,
+    check_numbers,
+    run_reporting,
+)
 from latentdiff.training.errors import NonFiniteLossError, TrainingError
 from latentdiff.training.progress import done_text
 
@@ -428,7 +434,6 @@ def _restore(path: Path, vae, optimizer, lr_schedule, ema, generator, accelerato
 
 # ---- command line ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from latentdiff.training.images import DEFAULT_MAX_PIXELS
 
     p = argparse.ArgumentParser(
         prog="train_vae.py",
@@ -478,14 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--validate-every", type=int, default=0, help="save a reconstruction grid every N steps")
     p.add_argument("--scale-samples", type=int, default=256, help="held-out images for the scaling factor")
-    p.add_argument("--shapes-count", type=int, default=100_000, help="distinct scenes for --data shapes")
-    p.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help="files with more pixels are skipped as decompression bombs",
-    )
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    add_data_reading(p)
     p.add_argument("--max-nan-steps", type=int, default=5, help="stop after this many NaN/inf steps in a row")
     p.add_argument(
         "--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="Accelerate's autocast dtype"
