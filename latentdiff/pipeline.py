@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,19 @@ CONTEXT_CACHE_SIZE = 256  # text contexts kept per pipeline (prompts reused acro
 # we write it so that every transformers version reads our folders.
 CLIP_PREFIX = "text_model."
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "shapes-tiny"
+
+
+def _one_call_at_a_time(method):
+    """Calls on one pipeline from several threads (a web server's workers) wait their turn: a call keeps its
+    caches on the shared modules (attention.inference_cache, the text contexts, the step traces), and two at
+    once would tear them (a TypeError mid-call, seen). Re-entrant: a callback may encode or call again."""
+
+    @functools.wraps(method)
+    def in_turn(self, *args, **kwargs):
+        with self._turn:
+            return method(self, *args, **kwargs)
+
+    return in_turn
 
 
 class LatentDiffusionPipeline:
@@ -72,6 +87,14 @@ class LatentDiffusionPipeline:
         # Repeated U-Net steps replayed from a TorchScript trace (replay.py): CPU, small U-Nets, same images.
         self.trace_steps = True
         self._replay = Replay()
+        self._turn = threading.RLock()  # see _one_call_at_a_time
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy: a lock is not copied, the copy gets its own
+        return {key: value for key, value in self.__dict__.items() if key != "_turn"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._turn = threading.RLock()
 
     # ---- sizes -------------------------------------------------------------------------------------
     @property
@@ -215,6 +238,7 @@ class LatentDiffusionPipeline:
         return self
 
     # ---- generation --------------------------------------------------------------------------------
+    @_one_call_at_a_time
     def encode(self, prompts: str | list[str], clip_skip: int | None = None) -> torch.Tensor:
         """Text context for each prompt; repeated prompts (the empty negative above all) are encoded once."""
         prompts = _as_prompt_list(prompts, "prompts")  # a str is one prompt, not one per character
@@ -238,6 +262,7 @@ class LatentDiffusionPipeline:
         return torch.stack([found[p] for p in prompts]).to(self.dtype)
 
     @torch.no_grad()
+    @_one_call_at_a_time
     def __call__(
         self,
         prompt: str | list[str],

@@ -1,7 +1,9 @@
 """LatentDiffusionPipeline against diffusers' StableDiffusionPipeline on the same tiny random weights."""
 
+import copy
 import json
 import re
+import threading
 import warnings
 
 import numpy as np
@@ -119,6 +121,35 @@ def test_image_in_batch_equals_image_alone_and_is_repeatable(sd1):
     again = pipe(["a red circle", "a blue star"], seed=100, num_images_per_prompt=2, **common)
     assert np.array_equal(pixels(batch), pixels(again))
     assert not np.array_equal(pixels(batch[:1]), pixels(batch[1:2]))  # different seeds, different images
+
+
+def test_calls_from_several_threads_take_turns_and_make_the_same_images(sd1):
+    """A web server calls one pipeline from its worker threads: a call's caches live on the shared modules, so a
+    second call waits for the first (two at once tore them: a TypeError mid-call)."""
+    pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+    common = dict(height=SIZE, width=SIZE, steps=3, progress=False)
+    alone = pixels(pipe(["a red circle", "a blue star"], seed=0, **common))
+    a_waits, a_goes_on, b_stepped, found = threading.Event(), threading.Event(), threading.Event(), {}
+
+    def hold(i, t, x):  # the first call stops at its first step until told to go on
+        a_waits.set()
+        assert a_goes_on.wait(30)
+
+    def run(name, prompt, seed, callback):
+        found[name] = pixels(pipe(prompt, seed=seed, callback=callback, **common))
+
+    a = threading.Thread(target=run, args=("a", "a red circle", 0, hold))
+    b = threading.Thread(target=run, args=("b", "a blue star", 1, lambda i, t, x: b_stepped.set()))
+    a.start()
+    assert a_waits.wait(30)
+    b.start()
+    assert not b_stepped.wait(1.0)  # the second call has not begun while the first is mid-call
+    a_goes_on.set()
+    a.join(30)
+    b.join(30)
+    assert np.array_equal(np.concatenate([found["a"], found["b"]]), alone)
+    twin = copy.deepcopy(pipe)  # a copy has a lock of its own
+    assert twin._turn is not pipe._turn and np.array_equal(pixels(twin("a blue star", seed=1, **common)), alone[1:])
 
 
 def test_parameters_text_in_a1111_format(sd1):
