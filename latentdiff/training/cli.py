@@ -35,6 +35,19 @@ def add_data_reading(group) -> None:
     group.add_argument("--shapes-count", type=int, default=100_000, help="distinct scenes for --data shapes")
 
 
+def add_ema(group, decay: float, used_for: str) -> None:
+    """--ema [DECAY] for both training scripts; `decay` when no value is given."""
+    group.add_argument(
+        "--ema",
+        type=float,
+        nargs="?",
+        const=decay,
+        default=None,
+        metavar="DECAY",
+        help=f"keep EMA weights (decay {decay:g} if no value) for {used_for}",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
@@ -128,15 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW's epsilon")
     opt.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     opt.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    opt.add_argument(
-        "--ema",
-        type=float,
-        nargs="?",
-        const=0.9999,
-        default=None,
-        metavar="DECAY",
-        help="keep EMA weights (decay 0.9999 if no value) for validation and export",
-    )
+    add_ema(opt, 0.9999, "validation and export")
     opt.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting (5.0 is usual)")
     opt.add_argument(
         "--v-space-loss",

@@ -45,6 +45,7 @@ from latentdiff.training import checkpoint as ckpt
 from latentdiff.training.cli import (
     DefaultsHelpFormatter,
     add_data_reading,
+    add_ema,
     check_companions,
     check_numbers,
     run_reporting,
@@ -465,15 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="count pixels off the image's background colour (its median) 1+W times in the L1 (flat backgrounds)",
     )
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    p.add_argument(
-        "--ema",
-        type=float,
-        nargs="?",
-        const=0.999,
-        default=None,
-        metavar="DECAY",
-        help="keep EMA weights (decay 0.999 if no value) for validation grids and the exported VAE",
-    )
+    add_ema(p, 0.999, "validation grids and the exported VAE")
     p.add_argument("--resolution", type=int, default=64, help="square training size in pixels")
     p.add_argument(
         "--seed", type=int, default=0, help="seeds the initial weights, the data order and the latent sampling"
