@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 import random
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,21 @@ def _one_call_at_a_time(method):
     return in_turn
 
 
+# Every pipeline with a lock: a forked child gets new ones (as logging does for its handlers). A thread of the
+# parent that is mid-call holds its pipeline's lock, and the child has no such thread to release it: the
+# child's first call would wait forever.
+_WITH_TURNS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _new_turn(pipe) -> None:
+    pipe._turn = threading.RLock()
+    _WITH_TURNS.add(pipe)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: [_new_turn(pipe) for pipe in list(_WITH_TURNS)])
+
+
 class LatentDiffusionPipeline:
     """Text-to-image with a VAE, a CLIP text encoder and a conditional U-Net (Rombach et al. 2022)."""
 
@@ -87,14 +104,14 @@ class LatentDiffusionPipeline:
         # Repeated U-Net steps replayed from a TorchScript trace (replay.py): CPU, small U-Nets, same images.
         self.trace_steps = True
         self._replay = Replay()
-        self._turn = threading.RLock()  # see _one_call_at_a_time
+        _new_turn(self)  # see _one_call_at_a_time
 
     def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy: a lock is not copied, the copy gets its own
         return {key: value for key, value in self.__dict__.items() if key != "_turn"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._turn = threading.RLock()
+        _new_turn(self)
 
     # ---- sizes -------------------------------------------------------------------------------------
     @property

@@ -2,7 +2,9 @@
 
 import copy
 import json
+import os
 import re
+import signal
 import threading
 import warnings
 
@@ -150,6 +152,38 @@ def test_calls_from_several_threads_take_turns_and_make_the_same_images(sd1):
     assert np.array_equal(np.concatenate([found["a"], found["b"]]), alone)
     twin = copy.deepcopy(pipe)  # a copy has a lock of its own
     assert twin._turn is not pipe._turn and np.array_equal(pixels(twin("a blue star", seed=1, **common)), alone[1:])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() only")
+def test_a_process_forked_while_another_thread_is_mid_call_can_call_the_pipeline(sd1):
+    """The parent's thread mid-call holds the pipeline's lock; the forked child has no such thread to release it,
+    so it gets a lock of its own (its first call waited forever)."""
+    pipe = LatentDiffusionPipeline.from_pretrained(sd1)
+    held, go_on = threading.Event(), threading.Event()
+
+    def hold(i, t, x):
+        held.set()
+        assert go_on.wait(30)
+
+    caller = threading.Thread(target=lambda: pipe("a red circle", height=SIZE, width=SIZE, steps=2, callback=hold))
+    caller.start()
+    try:
+        assert held.wait(30)
+        pid = os.fork()
+        if pid == 0:  # the child: one thread (see workers.start_child), killed by the alarm if it waits
+            code = 1
+            try:
+                signal.alarm(20)
+                torch.set_num_threads(1)
+                pipe.encode("a blue star")
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        go_on.set()
+        caller.join(30)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the child did not finish: status {status}"
 
 
 def test_parameters_text_in_a1111_format(sd1):
