@@ -457,7 +457,10 @@ def _write_grids(out: Path, tasks: list[Task]) -> None:
         paths = [out / t.file for t in group]
         if not all(p.is_file() for p in paths):
             continue
-        images = [Image.open(p).convert("RGB") for p in paths]
+        images = []
+        for path in paths:
+            with Image.open(path) as image:  # closed at once: a long run's grids must not hold every file open
+                images.append(image.convert("RGB"))
         cols = math.ceil(math.sqrt(len(images)))
         rows = math.ceil(len(images) / cols)
         w, h = images[0].size
