@@ -688,6 +688,25 @@ def test_a_stop_while_rewriting_a_checkpoint_keeps_the_earlier_one(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
 
 
+def test_a_marker_that_cannot_be_written_is_a_checkpoint_error_every_process_learns_of(tmp_path, monkeypatch):
+    """The COMPLETE marker is written where a failure reaches every process (the reduce): on a full disk the
+    others must not wait forever at the last barrier while the main process dies on its own."""
+    import errno
+    import pathlib
+
+    real = pathlib.Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name == ckpt.MARKER:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    with pytest.raises(ckpt.CheckpointError, match="cannot write checkpoint-5 .*No space left on device"):
+        ckpt.write_checkpoint(tmp_path, 5, _Alone(), lambda folder: real(folder / "weights", "w"), {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_fresh_start_never_overwrites_an_earlier_run(model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "o"
     assert run(model_dir, data_dir, out, steps=2, every=2) == 0

@@ -117,6 +117,9 @@ def write_checkpoint(out_dir: Path, step: int, accelerator, write_shared, rng: d
         torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
         if accelerator.is_main_process:
             write_shared(tmp)
+            # marked here, inside what every process learns about: the folder is renamed into place only once
+            # all have written their part, and dropped whole otherwise
+            (tmp / MARKER).write_text(f"step {step}\n")
     except BaseException as e:  # noqa: B036 - the others must not wait forever at the barrier below
         error = e
     # every process learns whether any failed (a collective, so also the barrier): the main one must not
@@ -138,7 +141,6 @@ def write_checkpoint(out_dir: Path, step: int, accelerator, write_shared, rng: d
             "kept: make room, then carry on with --resume latest"
         ) from None
     if accelerator.is_main_process:
-        (tmp / MARKER).write_text(f"step {step}\n")
         if final.exists():  # a re-run over an old checkpoint of the same step: move it aside first
             old = out_dir / f".checkpoint-{step}.old"  # put back by the next start if stopped in between
             shutil.rmtree(old, ignore_errors=True)
