@@ -697,3 +697,15 @@ def test_a_forked_worker_leaves_ctrl_c_to_its_parent(capfd):
         os.kill(os.getpid(), signal.SIGINT)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
     assert stop.requested and capfd.readouterr().err.count("stopping after the batch in hand") == 1
+
+
+def test_a_stop_while_another_outcome_is_reported_is_still_a_quiet_stop(tmp_path, monkeypatch):
+    """SIGTERM that lands while a user's mistake is being printed: the stop's status, no traceback."""
+    import latentdiff.cli
+    from latentdiff.cli import Terminated
+
+    def print_then_stopped(*args, **kwargs):
+        raise Terminated
+
+    monkeypatch.setattr(latentdiff.cli, "print", print_then_stopped, raising=False)
+    assert main(["info", str(tmp_path / "nope")]) == 143

@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name, None) == "":
             parser.error(f"--{name.replace('_', '-')} is empty; give a path (is a shell variable unset?)")
     with stop_on_sigterm():  # around the reports below too: a second SIGTERM must not cut them short
-        return _run(args, modules[args.command])
+        try:
+            return _run(args, modules[args.command])
+        except KeyboardInterrupt as stop:  # one that came while another outcome was being reported
+            return stopped_status(stop)
 
 
 def _run(args, module) -> int:

@@ -295,10 +295,13 @@ def run_reporting(train_fn, args, user_errors: tuple[type[Exception], ...] = ())
     """(train_fn(args), 0); or ({}, exit status) with one line on stderr, not a traceback, for a user's mistake
     (TrainingError, `user_errors`), a full disk and the like, or Ctrl-C / SIGTERM (status 130 / 143, naming
     what is kept)."""
-    from latentdiff.cli import stop_on_sigterm
+    from latentdiff.cli import stop_on_sigterm, stopped_status
 
     with stop_on_sigterm():  # around the report too: a second SIGTERM must not cut it short
-        return _reporting(train_fn, args, user_errors)
+        try:
+            return _reporting(train_fn, args, user_errors)
+        except KeyboardInterrupt as stop:  # one that came while another outcome was being reported
+            return {}, stopped_status(stop)
 
 
 def _reporting(train_fn, args, user_errors: tuple[type[Exception], ...]) -> tuple[dict, int]:
